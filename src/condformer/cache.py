@@ -1,0 +1,56 @@
+"""Key/value cache for generation, with each cached token's position and validity.
+
+Every layer has its own slot. A slot stores keys/values only for the tokens its layer actually
+processed, together with their original positions and a validity flag, in preallocated buffers (static
+shapes, no reallocation per step). Padding (left-padded batched prompts) or a token that skipped a
+routed layer is stored as an invalid entry, which attention masks out, so batched decoding needs no
+ragged tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerKV:
+    def __init__(self, batch: int, n_heads: int, head_dim: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(batch, n_heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled; the same for every row, a Python int (no device sync)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, pos_BT: torch.Tensor,
+               valid_BT: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Store T new entries; return all entries so far as (k, v, pos, valid)."""
+        t = k_BHTd.shape[2]
+        end = self.length + t
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} entries > capacity {self.capacity}")
+        self.k[:, :, self.length:end] = k_BHTd
+        self.v[:, :, self.length:end] = v_BHTd
+        self.pos[:, self.length:end] = pos_BT
+        self.valid[:, self.length:end] = True if valid_BT is None else valid_BT
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end], self.valid[:, :end]
+
+
+class KVCache:
+    """One :class:`LayerKV` per layer, sized for ``capacity`` tokens per sequence."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, capacity: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        device = torch.device(device)
+        self.layers = [LayerKV(batch, n_heads, head_dim, capacity, device, dtype) for _ in range(n_layers)]
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch: int, capacity: int) -> KVCache:
+        cfg = model.cfg
+        p = next(model.parameters())
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return cls(cfg.n_layers, batch, cfg.n_heads, cfg.head_dim, capacity, p.device, dtype)

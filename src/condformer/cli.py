@@ -1,0 +1,312 @@
+"""The ``condformer`` command line.
+
+Every command prints human-readable output; with ``--json`` its last line is one JSON object. User
+errors (bad flag, missing file, invalid config) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from condformer.errors import CondformerError, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise CondformerError(f"{message} (see `{self.prog} --help`)")
+
+
+def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
+    if human:
+        print(human, flush=True)
+    if getattr(args, "json", False):
+        print(json.dumps(payload, default=str), flush=True)
+
+
+# -- presets / flops ---------------------------------------------------------------------------
+def cmd_presets(args: argparse.Namespace) -> None:
+    from condformer.presets import preset, presets
+
+    rows = []
+    for name in presets():
+        c = preset(name)
+        rows.append({"name": name, "kind": c.kind, "n_layers": c.n_layers, "d_model": c.d_model,
+                     "n_heads": c.n_heads, "layers": sorted({f"{s.block}/{s.router}/{s.ffn}" for s in c.layers})})
+    human = "\n".join(f"{r['name']:<16} {r['kind']:<8} {r['n_layers']:>3} x {r['d_model']:<5} heads={r['n_heads']:<3}"
+                      f" {','.join(r['layers'])}" for r in rows)
+    _emit(args, human, {"presets": rows})
+
+
+def _model_config(args: argparse.Namespace):
+    from condformer.config import load_config_file
+    from condformer.presets import preset
+
+    if getattr(args, "config", None):
+        return load_config_file(args.config)
+    if not args.preset:
+        raise ConfigError("give --preset NAME or --config FILE (see `condformer presets`)")
+    return preset(args.preset), None
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from condformer.flops import count_flops
+
+    cfg, _ = _model_config(args)
+    r = count_flops(cfg, args.seq_len)
+    human = (f"{cfg.name}: T={r.seq_len}  forward {r.forward_flops:.4g} FLOPs/seq "
+             f"({r.forward_flops_per_token:.4g}/token), train {r.train_flops:.4g} FLOPs/seq, "
+             f"params {r.params:,} ({r.non_embedding_params:,} non-embedding)")
+    _emit(args, human, {"preset": cfg.name, **r.to_dict()})
+
+
+# -- train / eval / generate -------------------------------------------------------------------
+def _train_config(args: argparse.Namespace, base):
+    from condformer.config import TrainConfig
+
+    cfg = base or TrainConfig()
+    overrides = {"data": args.data, "tokenizer": args.tokenizer, "max_steps": args.max_steps,
+                 "budget_flops": args.budget_flops, "budget_tokens": args.budget_tokens, "seq_len": args.seq_len,
+                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
+                 "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every, "device": args.device,
+                 "dtype": args.dtype, "warmup_steps": args.warmup_steps, "on_nonfinite": args.on_nonfinite}
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if args.compile:
+        cfg.compile = True
+    if cfg.max_steps is None and cfg.budget_tokens is None and cfg.budget_flops is None:
+        cfg.max_steps = 1000
+    return cfg.validate()
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from condformer.train import train
+
+    if args.resume and not args.preset and not args.config:
+        from condformer.checkpoint import read_checkpoint
+
+        ck = read_checkpoint(args.out)
+        model_cfg, train_cfg = ck.model_cfg, ck.train_cfg
+    else:
+        model_cfg, train_cfg = _model_config(args)
+        train_cfg = _train_config(args, train_cfg)
+    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    bpb = result.val_bits_per_byte
+    lines = [f"trained {model_cfg.name}: {result.steps} steps, {result.tokens:,} tokens, "
+             f"{result.train_flops:.3g} FLOPs, {result.tokens_per_s:,.0f} tokens/s",
+             f"validation loss {result.val_loss:.4f}" + (f" ({bpb:.4f} bits/byte)" if bpb is not None else ""),
+             f"checkpoint: {result.out_dir}"]
+    payload = result.to_dict()
+    if args.sample and model_cfg.causal:
+        text = _generate_text(args.out, args.sample, args.sample_tokens, greedy=False, temperature=0.8,
+                              top_k=None, top_p=0.95, seed=0, stream=False)
+        lines.append(f"sample (prompt {args.sample!r}):\n{args.sample}{text}")
+        payload["sample"] = text
+    _emit(args, "\n".join(lines), payload)
+
+
+def _load_for_inference(path: str):
+    import torch
+
+    from condformer.checkpoint import load_weights, read_checkpoint
+    from condformer.data import tokenizer_from_dict
+    from condformer.model import build_model
+
+    ck = read_checkpoint(path)
+    model = build_model(ck.model_cfg)
+    load_weights(ck, model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    tok = tokenizer_from_dict(ck.state["tokenizer"]) if "tokenizer" in ck.state else None
+    return ck, model.eval(), tok
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from condformer.data import prepare_data
+    from condformer.train import evaluate
+
+    ck, model, tok = _load_for_inference(args.checkpoint)
+    cfg = ck.train_cfg
+    if cfg is None:
+        raise CondformerError(f"checkpoint '{ck.path}' has no training config; evaluate a run written by train")
+    if args.data:
+        cfg.data = args.data
+    if args.batches:
+        cfg.eval_batches = args.batches
+    data = prepare_data(cfg.data, tok or cfg.tokenizer, cfg.val_fraction)
+    device = str(next(model.parameters()).device)
+    m = evaluate(model, data, ck.model_cfg, cfg, device)
+    bpb = m["val_bits_per_byte"]
+    human = f"{ck.path}: step {ck.state['step']}, validation loss {m['val_loss']:.4f}" + (
+        f" ({bpb:.4f} bits/byte)" if bpb is not None else "")
+    _emit(args, human, {"checkpoint": str(ck.path), "step": ck.state["step"], **m, "data": data.fingerprint})
+
+
+def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperature: float, top_k: int | None,
+                   top_p: float | None, seed: int, stream: bool) -> str:
+    import torch
+
+    from condformer.generate import SamplingConfig, generate
+
+    ck, model, tok = _load_for_inference(path)
+    if tok is None:
+        raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot decode text")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise CondformerError("the prompt is empty; pass --prompt TEXT with at least one character")
+    sampling = SamplingConfig(max_new_tokens=max_new, greedy=greedy, temperature=temperature, top_k=top_k,
+                              top_p=top_p, eos_id=tok.eos_id)
+    new_ids: list[int] = []
+    printed = [0]
+
+    def on_tokens(t: torch.Tensor) -> None:
+        new_ids.append(int(t[0]))
+        if stream:
+            text = tok.decode(new_ids)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its last byte
+                return
+            sys.stdout.write(text[printed[0]:])
+            sys.stdout.flush()
+            printed[0] = len(text)
+
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    generate(model, [ids], sampling, pad_id=tok.pad_id, generator=gen, on_tokens=on_tokens)
+    text = tok.decode([i for i in new_ids if i != tok.eos_id])
+    if stream:
+        sys.stdout.write(text[printed[0]:] + "\n")
+        sys.stdout.flush()
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None):
+        raise ConfigError("--greedy takes no --temperature/--top-k/--top-p; drop one or the other")
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    text = _generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.greedy,
+                          1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
+                          args.seed, stream=not args.json)
+    _emit(args, "", {"prompt": args.prompt, "text": text})
+
+
+# -- bench -------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> None:
+    from condformer.bench import BenchConfig, format_bench, run_bench
+
+    cfg = BenchConfig(preset=args.preset, vs=args.vs, mode=args.mode, seq_len=args.seq_len,
+                      batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                      dtype=args.dtype, memory=not args.no_memory)
+    result = run_bench(cfg, progress=not args.no_progress)
+    _emit(args, format_bench(result), result)
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="condformer", description="Conditional-computation Transformers: train, measure, generate.")
+    p.add_argument("--version", action="version", version=f"condformer {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("presets", help="list the named model configurations")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("flops", help="analytic FLOPs and parameters of a config")
+    _add_model_args(s)
+    s.add_argument("--seq-len", type=int, default=1024)
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_flops)
+
+    s = sub.add_parser("train", help="train a model on a corpus (default: the Python stdlib's source)")
+    _add_model_args(s)
+    s.add_argument("--data", help="stdlib | PATH (file, directory or glob) | hf:NAME[:SPLIT:COLUMN]")
+    s.add_argument("--tokenizer", help="byte (default) | bpe | bpe:VOCAB")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--budget-flops", type=float, help="stop at this many training FLOPs (analytic)")
+    s.add_argument("--budget-tokens", type=int)
+    s.add_argument("--seq-len", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--grad-accum", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--warmup-steps", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--checkpoint-every", type=int)
+    s.add_argument("--on-nonfinite", choices=["stop", "skip"])
+    s.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--out", default="runs/latest", help="run directory (checkpoints, logs)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--sample", metavar="PROMPT", help="after training, print a sample continuing PROMPT")
+    s.add_argument("--sample-tokens", type=int, default=200)
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="validation loss of a checkpoint")
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--data", help="evaluate on another corpus (default: the run's)")
+    s.add_argument("--batches", type=int, help="number of validation batches")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("generate", help="continue a prompt with a trained decoder (KV-cached, streaming)")
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--greedy", action="store_true")
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("bench", help="time a preset against a baseline in the same process")
+    s.add_argument("--preset", required=True)
+    s.add_argument("--vs", help="baseline preset (e.g. the dense twin)")
+    s.add_argument("--mode", choices=["train", "forward", "generate"], default="train")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--repeats", type=int, default=7)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def _add_model_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="a preset name (see `condformer presets`)")
+    g.add_argument("--config", help="a JSON/YAML file with 'model' (and optionally 'train')")
+
+
+def _version() -> str:
+    from condformer import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except CondformerError as e:
+        print(f"condformer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("condformer: interrupted (a training run saved a checkpoint; continue it with --resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

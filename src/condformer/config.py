@@ -1,0 +1,313 @@
+"""Typed configuration: the model, each layer, and training.
+
+A model is a list of :class:`LayerSpec` (block type x router x FFN), so techniques compose per layer
+instead of through global flags. ``ModelConfig.layers`` may hold one spec per layer or a shorter pattern
+that is repeated to fill ``n_layers`` (``[dense, mod]`` on 8 layers = every other layer routed).
+
+Configs round-trip through plain dicts, JSON and YAML, and :meth:`ModelConfig.validate` turns every
+invalid value into a one-line :class:`~condformer.errors.ConfigError` that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from condformer.errors import ConfigError
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("gelu", "swiglu")
+KINDS = ("decoder", "encoder")
+
+
+@dataclass
+class LayerSpec:
+    """What one layer is: a block type, the router that decides which tokens it sees, and its FFN.
+
+    ``options`` carries technique-specific settings (e.g. a router's capacity) so that adding a
+    technique never changes this class's fields.
+    """
+
+    block: str = "preln"
+    router: str = "dense"
+    ffn: str = "mlp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str) -> LayerSpec:
+        if isinstance(d, str):  # shorthand: "dense" -> LayerSpec(router="dense")
+            return cls(router=d)
+        return _from_dict(cls, d, "layers[]")
+
+
+def every_other(routed: LayerSpec, dense: LayerSpec | None = None) -> list[LayerSpec]:
+    """The pattern ``[dense, routed]`` repeated: a routed layer after every dense one."""
+    return [dense or LayerSpec(), routed]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a condformer model. Sizes follow GPT conventions (d_model, n_heads, ...)."""
+
+    name: str = "custom"
+    kind: str = "decoder"  # "decoder" (causal LM) or "encoder" (bidirectional, masked-LM head)
+    vocab_size: int = 260  # the byte tokenizer's 256 bytes + 4 special tokens
+    max_seq_len: int = 1024
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int | None = None  # None: 4*d for gelu, 8/3*d rounded up to a multiple of 64 for swiglu
+    mlp: str = "gelu"
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    layers: list[LayerSpec] = field(default_factory=lambda: [LayerSpec()])
+
+    def __post_init__(self) -> None:
+        self.layers = [s if isinstance(s, LayerSpec) else LayerSpec.from_dict(s) for s in self.layers]
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # keeps parameters ~equal to a 4d GELU MLP (Shazeer 2020)
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "decoder"
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """One spec per layer: ``layers`` repeated to ``n_layers``."""
+        reps = self.n_layers // len(self.layers)
+        return [dataclasses.replace(s, options=dict(s.options)) for _ in range(reps) for s in self.layers]
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> ModelConfig:
+        from condformer.registry import BLOCKS, FFNS, ROUTERS
+
+        _positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads")
+        _choice(self.kind, KINDS, "kind")
+        _choice(self.mlp, MLPS, "mlp")
+        _choice(self.norm, NORMS, "norm")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"try n_heads={_divisor_near(self.d_model, self.n_heads)}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim = d_model/n_heads must be even for rotary embeddings, got {self.head_dim}")
+        if self.d_ff is not None and self.d_ff < 1:
+            raise ConfigError(f"d_ff must be a positive integer or null, got {self.d_ff}")
+        if not (self.init_std > 0 and self.norm_eps > 0 and self.rope_base > 1):
+            raise ConfigError("init_std and norm_eps must be > 0 and rope_base > 1")
+        if not self.layers:
+            raise ConfigError("layers must list at least one LayerSpec")
+        if self.n_layers % len(self.layers):
+            raise ConfigError(
+                f"the layer pattern has {len(self.layers)} entries, which does not divide n_layers="
+                f"{self.n_layers}; give one spec per layer or a pattern whose length divides n_layers"
+            )
+        for i, spec in enumerate(self.layer_specs()):
+            _choice(spec.block, BLOCKS.names(), f"layers[{i}].block")
+            _choice(spec.router, ROUTERS.names(), f"layers[{i}].router")
+            _choice(spec.ffn, FFNS.names(), f"layers[{i}].ffn")
+            parts = (BLOCKS.get(spec.block), ROUTERS.get(spec.router), FFNS.get(spec.ffn))
+            known = {k for part in parts for k in getattr(part, "options", ())}
+            unknown = sorted(set(spec.options) - known)
+            if unknown:
+                raise ConfigError(f"layers[{i}]: unknown option(s) {unknown} for {spec.block}/{spec.router}/"
+                                  f"{spec.ffn}; known: {sorted(known) or 'none'}")
+            for part in parts:  # components check their own option values
+                if hasattr(part, "validate_spec"):
+                    part.validate_spec(spec, self, i)
+        return self
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = [s.to_dict() for s in self.layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, d, "model")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, budget, logging and checkpointing for ``condformer train``."""
+
+    data: str = "stdlib"
+    tokenizer: str = "byte"
+    val_fraction: float = 0.05
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    max_steps: int | None = None
+    budget_tokens: int | None = None
+    budget_flops: float | None = None
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    on_nonfinite: str = "stop"  # "stop": raise naming the step; "skip": drop that update
+    compile: bool = False
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    device: str = "auto"
+    parallel: str = "ddp"  # how to shard across torchrun processes; "ddp" today
+    mlm_probability: float = 0.15  # encoders only
+    tensorboard: bool = True
+
+    def validate(self) -> TrainConfig:
+        _positive(self, "seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
+                  "checkpoint_every", "keep_checkpoints")
+        if not (0 < self.val_fraction <= 0.5):
+            raise ConfigError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        for name in ("max_steps", "budget_tokens", "budget_flops"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{name} must be > 0 when set, got {v}")
+        if self.max_steps is None and self.budget_tokens is None and self.budget_flops is None:
+            raise ConfigError("no training budget: set max_steps, budget_tokens or budget_flops")
+        _choice(self.on_nonfinite, ("stop", "skip"), "on_nonfinite")
+        _choice(self.dtype, ("auto", "fp32", "bf16"), "dtype")
+        _choice(self.parallel, ("ddp",), "parallel")
+        if not (0 < self.mlm_probability < 1):
+            raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d, "train")
+
+
+# -- files -------------------------------------------------------------------------------------
+def load_config_file(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]:
+    """Read a JSON or YAML file holding ``{"model": {...}, "train": {...}}`` (or just the model)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; pass an existing .json/.yaml file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # both parsers raise their own types; report them the same way
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot parse config file '{p}': {first}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping with a 'model' key (and optionally 'train')")
+    if "model" not in raw:
+        raw = {"model": raw}
+    base = raw["model"].pop("preset", None) if isinstance(raw["model"], dict) else None
+    if base is not None:  # {"model": {"preset": "small", "n_layers": 8}} overrides a preset
+        from condformer.presets import preset
+
+        merged = preset(base).to_dict()
+        merged.update(raw["model"])
+        raw["model"] = merged
+    model = ModelConfig.from_dict(raw["model"]).validate()
+    train = TrainConfig.from_dict(raw["train"]) if raw.get("train") is not None else None
+    return model, train
+
+
+def save_config_file(path: str | Path, model: ModelConfig, train: TrainConfig | None = None) -> None:
+    p = Path(path)
+    payload: dict[str, Any] = {"model": model.to_dict()}
+    if train is not None:
+        payload["train"] = train.to_dict()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        p.write_text(yaml.safe_dump(payload, sort_keys=False), encoding="utf-8")
+    else:
+        p.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _from_dict(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown {where} field(s) {unknown}; valid fields: {sorted(fields)}")
+    kwargs = {}
+    for k, v in d.items():
+        kwargs[k] = _coerce(fields[k], v, f"{where}.{k}")
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, v: Any, where: str) -> Any:
+    """Light type checking so that ``"d_model": "128"`` fails here, not inside torch."""
+    t = str(f.type)
+    if v is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if t.startswith("int") and not (isinstance(v, int) and not isinstance(v, bool)):
+        raise ConfigError(f"{where} must be an integer, got {v!r}")
+    if t.startswith("float") and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        raise ConfigError(f"{where} must be a number, got {v!r}")
+    if t == "bool" and not isinstance(v, bool):
+        raise ConfigError(f"{where} must be true or false, got {v!r}")
+    if t == "str" and not isinstance(v, str):
+        raise ConfigError(f"{where} must be a string, got {v!r}")
+    if "float" in t and isinstance(v, int):
+        return float(v)
+    return v
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not (isinstance(v, int) and v >= 1):
+            raise ConfigError(f"{n} must be a positive integer, got {v!r}")
+
+
+def _choice(value: str, options: Any, name: str) -> None:
+    if value not in options:
+        raise ConfigError(f"unknown {name} '{value}'; choose one of: {', '.join(options)}")
+
+
+def _divisor_near(n: int, target: int) -> int:
+    return min((h for h in range(1, n + 1) if n % h == 0), key=lambda h: abs(h - target))

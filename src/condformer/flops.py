@@ -1,0 +1,74 @@
+"""Analytic FLOP counts for any config, counting only work that is actually done.
+
+Matrix products count 2*m*n*k; attention counts QK^T and AV over every (query, key) pair it computes;
+elementwise work (norms, activations, softmax) is not counted, as in FlopCounterMode and the usual
+6*N*D rule. Training = 3 x forward (backward computes two products per forward product). Each router
+decides how many tokens its block sees, so conditional computation is counted where it happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from condformer.config import ModelConfig
+from condformer.registry import BLOCKS, ROUTERS
+
+
+@dataclass
+class FlopReport:
+    seq_len: int
+    forward_flops: int  # per sequence
+    train_flops: int  # per sequence, 3 x forward
+    params: int  # all trainable parameters (tied head counted once)
+    non_embedding_params: int
+    per_layer: list[int] = field(default_factory=list)
+    head_flops: int = 0
+
+    @property
+    def forward_flops_per_token(self) -> float:
+        return self.forward_flops / self.seq_len
+
+    @property
+    def train_flops_per_token(self) -> float:
+        return self.train_flops / self.seq_len
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["forward_flops_per_token"] = self.forward_flops_per_token
+        d["train_flops_per_token"] = self.train_flops_per_token
+        return d
+
+
+def layer_forward_flops(cfg: ModelConfig, layer_index: int, seq_len: int) -> int:
+    spec = cfg.layer_specs()[layer_index]
+    block = BLOCKS.get(spec.block)
+
+    def block_flops(n_queries: int, n_keys: int) -> int:
+        return block.flops(cfg, spec, n_queries, n_keys)
+
+    return ROUTERS.get(spec.router).flops(cfg, spec, seq_len, block_flops)
+
+
+def head_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
+    flops = 2 * seq_len * cfg.d_model * cfg.vocab_size
+    if cfg.kind == "encoder":  # the MLM transform's dense layer
+        flops += 2 * seq_len * cfg.d_model * cfg.d_model
+    return flops
+
+
+def count_flops(cfg: ModelConfig, seq_len: int) -> FlopReport:
+    """Forward and training FLOPs of one sequence of ``seq_len`` tokens, and parameter counts."""
+    from condformer.model import build_model
+
+    cfg.validate()
+    per_layer = [layer_forward_flops(cfg, i, seq_len) for i in range(cfg.n_layers)]
+    head = head_forward_flops(cfg, seq_len)
+    forward = sum(per_layer) + head
+    import torch
+
+    with torch.device("meta"):  # parameter counts without allocating memory
+        model = build_model(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    return FlopReport(seq_len=seq_len, forward_flops=forward, train_flops=3 * forward, params=params,
+                      non_embedding_params=params - model.embed.weight.numel(), per_layer=per_layer,
+                      head_flops=head)

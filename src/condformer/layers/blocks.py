@@ -1,0 +1,40 @@
+"""Block types. A block returns its residual-free *update*, not ``x + update``.
+
+Returning the update is the contract that lets a router decide what to do with it: the dense router
+adds it to every token, a Mixture-of-Depths router adds ``r * update`` to the chosen tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from condformer.config import LayerSpec, ModelConfig
+from condformer.context import Context
+from condformer.layers.attention import SelfAttention
+from condformer.layers.norms import make_norm
+from condformer.registry import BLOCKS, FFNS
+
+
+@BLOCKS.register("preln")
+class PreLNBlock(nn.Module):
+    """Pre-LN block (Xiong et al. 2020), as in GPT-2/3 and Llama::
+
+        x ──┬──────────────────────┬─(+)──┬───────────────────────┬─(+)──> x + update
+            └─ norm ─ attention ───┘      └─ norm ─ FFN ──────────┘
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
+        super().__init__()
+        self.pre_attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.pre_ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        a = self.attn(self.pre_attn_norm(x_BTD), ctx)
+        return a + self.ffn(self.pre_ffn_norm(x_BTD + a), ctx)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:
+        return SelfAttention.flops(cfg, n_queries, n_keys) + FFNS.get(spec.ffn).flops(cfg, spec, n_queries)

@@ -1,0 +1,120 @@
+"""The backbone: embed -> layers -> final norm -> head. Nothing here knows about any technique.
+
+Each layer is a router (from the registry) wrapped around a block (from the registry) whose FFN comes
+from the registry too; which ones is decided by the config's per-layer :class:`LayerSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condformer.cache import KVCache
+from condformer.config import ModelConfig
+from condformer.context import Context, Tally
+from condformer.layers.norms import make_norm
+from condformer.registry import BLOCKS, ROUTERS
+
+IGNORE_INDEX = -100  # targets with this value (padding, unmasked MLM positions) carry no loss
+
+
+@dataclass
+class Output:
+    """What a forward pass returns.
+
+    logits: (B, T, V). loss: mean cross-entropy over targets != IGNORE_INDEX, or None without targets.
+    aux_loss: sum of the auxiliary losses layers added (a zero scalar when none).
+    aux_losses: each auxiliary loss by name. stats: routing statistics by ``layer{L}/{name}`` (tensors).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+def build_layer(cfg: ModelConfig, layer_index: int) -> nn.Module:
+    spec = cfg.layer_specs()[layer_index]
+    block = BLOCKS.get(spec.block)(cfg, spec, layer_index)
+    return ROUTERS.get(spec.router)(cfg, spec, layer_index, block)
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM transform before the vocabulary projection: dense -> GELU -> norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        nn.init.normal_(self.dense.weight, std=cfg.init_std)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x)))
+
+
+class Transformer(nn.Module):
+    """A decoder (causal LM) or encoder (bidirectional, masked LM) built from a :class:`ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.layers = nn.ModuleList(build_layer(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mlm_head = MLMHead(cfg) if cfg.kind == "encoder" else None
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        *,
+        positions_BT: torch.Tensor | None = None,
+        valid_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Output:
+        """Run the model. ``positions_BT`` defaults to 0..T-1; ``valid_BT`` marks padding as False."""
+        ctx = self._context(tokens_BT, positions_BT, valid_BT, cache)
+        h = self.embed(tokens_BT)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx.for_layer(i))
+        h = self.final_norm(h)
+        if self.mlm_head is not None:
+            h = self.mlm_head(h)
+        logits = self.head(h)
+        loss = None
+        if targets_BT is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
+        return Output(logits, loss, ctx.tally.total(h), dict(ctx.tally.losses), dict(ctx.tally.stats))
+
+    def _context(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor | None,
+                 valid_BT: torch.Tensor | None, cache: KVCache | None) -> Context:
+        B, T = tokens_BT.shape
+        if cache is not None and not self.cfg.causal:
+            raise ValueError("a KV cache needs a causal decoder; encoders attend to later tokens")
+        contiguous = positions_BT is None
+        if positions_BT is None:
+            if self.cfg.max_seq_len < T:
+                raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+        return Context(positions_BT=positions_BT, causal=self.cfg.causal, tally=Tally(), valid_BT=valid_BT,
+                       cache=cache, contiguous=contiguous)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """Build a model from a config (validated first, so a bad config fails with a one-line error)."""
+    return Transformer(cfg)

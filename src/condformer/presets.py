@@ -1,0 +1,46 @@
+"""Named model configurations.
+
+Sizes: ``tiny`` (4 x 128), ``small`` (6 x 256), ``medium`` (8 x 512), ``gpt2-small`` (12 x 768). Each
+technique adds ``<size>-<technique>`` variants whose dense twin is ``<size>`` (same d, layers, heads), so
+every comparison is against a baseline of the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from condformer.config import ModelConfig
+from condformer.errors import ConfigError
+
+SIZES: dict[str, dict] = {
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=1024),
+    "small": dict(d_model=256, n_layers=6, n_heads=4, max_seq_len=1024),
+    "medium": dict(d_model=512, n_layers=8, n_heads=8, max_seq_len=2048),
+    "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=2048),
+}
+
+_PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register_preset(name: str, make: Callable[[], ModelConfig]) -> None:
+    if name in _PRESETS:
+        raise ValueError(f"preset '{name}' is registered twice")
+    _PRESETS[name] = make
+
+
+def presets() -> list[str]:
+    """All preset names."""
+    return list(_PRESETS)
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh, validated :class:`ModelConfig` for the preset ``name``."""
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(_PRESETS)} (see `condformer presets`)")
+    cfg = _PRESETS[name]()
+    cfg.name = name
+    return cfg.validate()
+
+
+for _size, _dims in SIZES.items():
+    register_preset(_size, lambda d=_dims: ModelConfig(**d))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -20,6 +21,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     if human:
         print(human, flush=True)
     if getattr(args, "json", False):
@@ -100,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> None:
              f"validation loss {result.val_loss:.4f}" + (f" ({bpb:.4f} bits/byte)" if bpb is not None else ""),
              f"checkpoint: {result.out_dir}"]
     payload = result.to_dict()
-    if args.sample and model_cfg.causal:
+    if args.sample and model_cfg.causal and int(os.environ.get("RANK", "0")) == 0:
         text = _generate_text(args.out, args.sample, args.sample_tokens, greedy=False, temperature=0.8,
                               top_k=None, top_p=0.95, seed=0, stream=False)
         lines.append(f"sample (prompt {args.sample!r}):\n{args.sample}{text}")

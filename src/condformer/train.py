@@ -63,15 +63,15 @@ class TrainResult:
 
 
 # -- distributed -------------------------------------------------------------------------------
-def _setup_distributed(device: str) -> tuple[int, int]:
-    """(rank, world_size); joins torchrun's process group when launched by it."""
+def _setup_distributed(device: str) -> tuple[int, int, bool]:
+    """(rank, world_size, whether we created the process group); joins torchrun's group when launched by it."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
 
 
 def _all_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -219,7 +219,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resu
     cfg.validate()
     out = Path(out_dir)
     device = _resolve_device(cfg)
-    rank, world = _setup_distributed(device)
+    rank, world, owns_group = _setup_distributed(device)
+    try:
+        return _train(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank: int, world: int, resume: bool,
+           progress: bool, stop_after: int | None, data: TokenData | None) -> TrainResult:
     is_main = rank == 0
 
     ck = None
@@ -232,7 +241,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resu
             f"'{out}' already holds checkpoints; pass --resume to continue it or choose another --out"
         )
 
-    data = data or prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction)
+    if data is None:
+        # rank 0 tokenises (and trains a BPE) first; the others then load its cached files, so every
+        # rank sees identical tokens
+        if rank == 0:
+            data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction)
     if model_cfg.vocab_size != data.tokenizer.vocab_size:
         model_cfg.vocab_size = data.tokenizer.vocab_size  # the tokenizer decides the vocabulary
     if cfg.seq_len > model_cfg.max_seq_len:

@@ -1,0 +1,119 @@
+"""The command line as a user runs it: real subprocesses, JSON on the last line, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corpus_util import write_corpus
+
+
+def cf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "condformer.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return {**os.environ, "CONDFORMER_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, env: dict) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(root / "corpus")
+    cfg = root / "model.yaml"
+    cfg.write_text("model:\n  preset: tiny\n  d_model: 32\n  n_heads: 2\n  n_layers: 2\n  max_seq_len: 128\n")
+    out = root / "run"
+    res = last_json(cf("train", "--config", str(cfg), "--data", str(corpus), "--max-steps", "30",
+                       "--seq-len", "64", "--batch-size", "8", "--eval-every", "30", "--out", str(out),
+                       "--sample", "def ", "--sample-tokens", "20", "--no-progress", "--json", env=env))
+    return out, res
+
+
+def test_presets_json() -> None:
+    names = [p["name"] for p in last_json(cf("presets", "--json"))["presets"]]
+    assert {"tiny", "small", "medium", "gpt2-small"} <= set(names)
+
+
+def test_flops_json_matches_api() -> None:
+    from condformer import count_flops, preset
+
+    got = last_json(cf("flops", "--preset", "small", "--seq-len", "128", "--json"))
+    ref = count_flops(preset("small"), 128)
+    assert (got["forward_flops"], got["train_flops"], got["params"]) == (ref.forward_flops, ref.train_flops,
+                                                                         ref.params)
+
+
+def test_train_reports_validation(run_dir: tuple[Path, dict]) -> None:
+    out, res = run_dir
+    assert res["steps"] == 30 and res["val_loss"] < 5.0
+    assert res["val_bits_per_byte"] > 0 and res["data"]["files"] == 40
+    assert isinstance(res["sample"], str) and res["tokens_per_s"] > 0
+    assert (out / "log.jsonl").is_file() and (out / "checkpoints" / "latest").is_file()
+
+
+def test_eval_matches_training(run_dir: tuple[Path, dict], env: dict) -> None:
+    out, res = run_dir
+    got = last_json(cf("eval", str(out), "--json", env=env))
+    assert got["val_loss"] == pytest.approx(res["val_loss"], rel=1e-6)
+    assert got["step"] == 30
+
+
+def test_generate_greedy_is_deterministic(run_dir: tuple[Path, dict], env: dict) -> None:
+    out, _ = run_dir
+    a = last_json(cf("generate", str(out), "--prompt", "def func_", "--max-new-tokens", "16", "--greedy", "--json",
+                     env=env))
+    b = last_json(cf("generate", str(out), "--prompt", "def func_", "--max-new-tokens", "16", "--greedy", "--json",
+                     env=env))
+    assert a["text"] == b["text"] and len(a["text"]) > 0
+    streamed = cf("generate", str(out), "--prompt", "def func_", "--max-new-tokens", "16", "--greedy", env=env)
+    assert streamed.returncode == 0 and streamed.stdout.startswith("def func_" + a["text"])
+
+
+def test_resume_extends_nothing_when_done(run_dir: tuple[Path, dict], env: dict) -> None:
+    out, res = run_dir
+    again = last_json(cf("train", "--out", str(out), "--resume", "--no-progress", "--json", env=env))
+    assert again["steps"] == res["steps"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--preset", "nope"], "unknown preset"),
+        (["train", "--preset", "tiny", "--data", "/no/such/dir", "--max-steps", "1"], "does not exist"),
+        (["train", "--preset", "tiny", "--seq-len", "5000", "--max-steps", "1"], "max_seq_len"),
+        (["train", "--preset", "tiny", "--max-steps", "0"], "max_steps"),
+        (["train", "--bogus-flag"], "unrecognized"),
+        (["generate", "/no/such/run", "--prompt", "x"], "does not exist"),
+        (["eval", "/no/such/run"], "does not exist"),
+        (["flops", "--config", "/no/such.json"], "does not exist"),
+        (["bench", "--preset", "tiny", "--mode", "sideways"], "invalid choice"),
+    ],
+)
+def test_user_errors_are_one_line(args: list[str], needle: str, env: dict, tmp_path: Path) -> None:
+    proc = cf(*args, "--out", str(tmp_path / "o"), env=env) if args[0] == "train" else cf(*args, env=env)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert needle in err
+
+
+def test_bad_config_file_is_one_line(tmp_path: Path, env: dict) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"d_model": 30, "n_heads": 4}}')
+    proc = cf("flops", "--config", str(bad), env=env)
+    assert proc.returncode == 2 and "divisible" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    bad.write_text("{oops")
+    proc = cf("flops", "--config", str(bad), env=env)
+    assert proc.returncode == 2 and "cannot parse" in proc.stderr

@@ -1,0 +1,210 @@
+"""Training loop: learning, exact resume, budgets, non-finite handling, checkpoints, MLM."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from condformer.checkpoint import read_checkpoint, resolve_checkpoint
+from condformer.config import ModelConfig, TrainConfig
+from condformer.context import Context
+from condformer.data import prepare_data
+from condformer.errors import CheckpointError, ConfigError, TrainingError
+from condformer.flops import count_flops
+from condformer.model import IGNORE_INDEX
+from condformer.registry import ROUTERS
+from condformer.routing.dense import DenseRouter
+from condformer.train import mlm_mask, plan_steps, train
+
+
+def _write_corpus(root: Path, n_files: int = 40) -> Path:
+    """A small deterministic code-like corpus: enough text for 64-token windows in both splits."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = [f"def func_{i}_{j}(x, y={j}):\n    return x * {i} + y - {j % 7}\n\n" for j in range(40)]
+        (root / f"mod_{i:03d}.py").write_text("".join(lines), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONDFORMER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def model_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 128, **kw})
+
+
+def train_cfg(corpus: Path, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), seq_len=32, batch_size=4, max_steps=12, warmup_steps=2, eval_every=6,
+                eval_batches=2, log_every=1, checkpoint_every=1000, tensorboard=False, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_loss_decreases(corpus: Path, tmp_path: Path) -> None:
+    r = train(model_cfg(), train_cfg(corpus, max_steps=60, eval_every=60), tmp_path / "run", progress=False)
+    curve = losses(tmp_path / "run")
+    assert curve[0][1] > math.log(200)  # starts near uniform over the vocabulary
+    assert curve[-1][1] < curve[0][1] - 2.0
+    assert r.val_loss < curve[0][1] - 2.0
+    assert r.steps == 60 and r.tokens == 60 * 4 * 32
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_continues_exactly(corpus: Path, tmp_path: Path, grad_accum: int) -> None:
+    cfg = dict(grad_accum=grad_accum, max_steps=10)
+    full = train(model_cfg(), train_cfg(corpus, **cfg), tmp_path / "a", progress=False)
+    part = train(model_cfg(), train_cfg(corpus, **cfg), tmp_path / "b", progress=False, stop_after=4)
+    assert part.steps == 4
+    resumed = train(model_cfg(), train_cfg(corpus, **cfg), tmp_path / "b", progress=False, resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit-identical, every step
+    assert [s for s, _ in losses(tmp_path / "b")] == list(range(1, 11))  # no duplicated or missing steps
+    assert resumed.val_loss == full.val_loss
+    from safetensors.torch import load_file
+
+    wa = load_file(str(resolve_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(resolve_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_refuses_to_overwrite_a_run(corpus: Path, tmp_path: Path) -> None:
+    train(model_cfg(), train_cfg(corpus, max_steps=2), tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(model_cfg(), train_cfg(corpus, max_steps=2), tmp_path / "run", progress=False)
+
+
+def test_flop_and_token_budgets(corpus: Path, tmp_path: Path) -> None:
+    mc, tc = model_cfg(vocab_size=260), train_cfg(corpus, max_steps=None)
+    per_step = count_flops(mc, tc.seq_len).train_flops * tc.batch_size * tc.grad_accum
+    tc.budget_flops = 7.5 * per_step
+    steps, flops_per_step = plan_steps(mc, tc, world=1)
+    assert (steps, flops_per_step) == (7, per_step)
+    r = train(mc, tc, tmp_path / "flops", progress=False)
+    assert r.steps == 7 and tc.budget_flops - per_step < r.train_flops <= tc.budget_flops
+    tc2 = train_cfg(corpus, max_steps=None, budget_tokens=5 * 4 * 32 + 3)
+    assert plan_steps(mc, tc2, world=1)[0] == 5
+    assert plan_steps(mc, tc2, world=2)[0] == 2  # two ranks consume twice the tokens per step
+    with pytest.raises(ConfigError, match="no full step"):
+        plan_steps(mc, train_cfg(corpus, max_steps=None, budget_flops=per_step / 2), world=1)
+
+
+_POISON = {"on": False}
+
+
+@ROUTERS.register("test_poison")
+class _PoisonRouter(DenseRouter):
+    """Adds a NaN auxiliary loss while the test switches it on."""
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if _POISON["on"]:
+            ctx.tally.loss("poison", x.sum() * float("nan"))
+        return super().forward(x, ctx)
+
+
+def test_nonfinite_loss_stops_naming_the_step(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    from condformer.config import LayerSpec
+
+    monkeypatch.setitem(_POISON, "on", True)
+    mc = model_cfg(layers=[LayerSpec(router="test_poison")])
+    with pytest.raises(TrainingError, match="step 0") as e:
+        train(mc, train_cfg(corpus, max_steps=3), tmp_path / "stop", progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_nonfinite_loss_skip_leaves_weights(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    from condformer.config import LayerSpec
+    from condformer.model import build_model
+
+    monkeypatch.setitem(_POISON, "on", True)
+    mc = model_cfg(layers=[LayerSpec(router="test_poison")])
+    r = train(mc, train_cfg(corpus, max_steps=3, on_nonfinite="skip", seed=5), tmp_path / "skip", progress=False)
+    assert r.skipped_steps == 3
+    torch.manual_seed(5)
+    fresh = build_model(read_checkpoint(tmp_path / "skip").model_cfg)  # the initial weights of that run
+    from safetensors.torch import load_file
+
+    saved = load_file(str(resolve_checkpoint(tmp_path / "skip") / "model.safetensors"))
+    for k, v in fresh.state_dict().items():
+        if k in saved:
+            assert torch.equal(saved[k], v), k
+
+
+def test_checkpoints_are_atomic_and_pruned(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(model_cfg(), train_cfg(corpus, max_steps=9, checkpoint_every=2, keep_checkpoints=2), run, progress=False)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-00000008", "step-00000009"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000009"
+    assert not list((run / "checkpoints").glob(".tmp*"))
+    files = {p.name for p in (run / "checkpoints" / "step-00000009").iterdir()}
+    assert files == {"model.safetensors", "optimizer.safetensors", "state.json"}  # nothing pickled
+    # a crash mid-write leaves only a temp dir, which is never loaded
+    (run / "checkpoints" / ".tmp-step-00000010").mkdir()
+    assert read_checkpoint(run).state["step"] == 9
+
+
+def test_corrupt_checkpoint_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:
+    from condformer.checkpoint import load_weights
+    from condformer.model import build_model
+
+    run = tmp_path / "run"
+    train(model_cfg(), train_cfg(corpus, max_steps=2), run, progress=False)
+    ck = read_checkpoint(run)
+    (ck.path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError):
+        load_weights(ck, build_model(ck.model_cfg))
+    (ck.path / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(run)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing")
+
+
+def test_seq_len_longer_than_model_is_rejected(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        train(model_cfg(max_seq_len=16), train_cfg(corpus, seq_len=32), tmp_path / "r", progress=False)
+
+
+def test_mlm_mask_follows_bert_recipe() -> None:
+    x = torch.randint(0, 256, (64, 128))
+    inputs, targets = mlm_mask(x, mask_id=259, vocab_size=260, prob=0.15, seed=1, step=3)
+    chosen = targets != IGNORE_INDEX
+    assert torch.equal(targets[chosen], x[chosen])
+    frac = chosen.float().mean().item()
+    assert 0.13 < frac < 0.17
+    masked = (inputs == 259) & chosen
+    assert 0.75 < masked.sum().item() / chosen.sum().item() < 0.85
+    assert torch.equal(inputs[~chosen], x[~chosen])  # unchosen tokens untouched
+    again = mlm_mask(x, 259, 260, 0.15, seed=1, step=3)
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], targets)
+    other = mlm_mask(x, 259, 260, 0.15, seed=1, step=4)
+    assert not torch.equal(other[1], targets)
+
+
+def test_encoder_trains_with_masked_lm(corpus: Path, tmp_path: Path) -> None:
+    r = train(model_cfg(kind="encoder"), train_cfg(corpus, max_steps=40, eval_every=40), tmp_path / "enc",
+              progress=False)
+    curve = losses(tmp_path / "enc")
+    assert r.val_bits_per_byte is None and math.isfinite(r.val_loss)
+    assert curve[-1][1] < curve[0][1] - 1.0
+
+
+def test_val_bits_per_byte_matches_loss(corpus: Path, tmp_path: Path) -> None:
+    r = train(model_cfg(), train_cfg(corpus, max_steps=3), tmp_path / "r", progress=False)
+    data = prepare_data(str(corpus), "byte", 0.05)
+    assert r.val_bits_per_byte == pytest.approx(r.val_loss / math.log(2) / data.bytes_per_token("val"))
+    assert r.data["sha256"] == data.fingerprint["sha256"]  # the corpus fingerprint is recorded

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from corpus_util import write_corpus
 
 

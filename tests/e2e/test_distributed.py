@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus_util import write_corpus
 from safetensors.torch import load_file
 
 from condformer.checkpoint import resolve_checkpoint
-from corpus_util import write_corpus
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux",
                                 reason="needs torchrun")

@@ -14,12 +14,17 @@ from torch import nn
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
+        self.head_dim, self.base = head_dim, base
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, x_BHTd: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
         """Rotate channel pairs (i, i + d/2) of ``x`` by ``position * inv_freq[i]``."""
-        angles_BTh = positions_BT.to(self.inv_freq.dtype)[..., None] * self.inv_freq
+        inv_freq = self.inv_freq
+        if x_BHTd.dtype == torch.float64:  # the buffer holds float32-rounded frequencies; recompute them exactly
+            inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64,
+                                                   device=x_BHTd.device) / self.head_dim)
+        angles_BTh = positions_BT.to(inv_freq.dtype)[..., None] * inv_freq
         cos = angles_BTh.cos()[:, None].to(x_BHTd.dtype)  # (B, 1, T, d/2)
         sin = angles_BTh.sin()[:, None].to(x_BHTd.dtype)
         x1, x2 = x_BHTd.chunk(2, dim=-1)

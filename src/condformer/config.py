@@ -228,7 +228,7 @@ def load_config_file(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
         else:
             raw = json.loads(text)
     except Exception as e:  # both parsers raise their own types; report them the same way
@@ -264,6 +264,20 @@ def save_config_file(path: str | Path, model: ModelConfig, train: TrainConfig | 
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, also reading ``3e-4`` as a float (YAML 1.1 floats need a dot: ``3.0e-4``)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent_float = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789."))
+    return Loader
+
+
 def _from_dict(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
@@ -292,6 +306,10 @@ def _coerce(f: dataclasses.Field, v: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be true or false, got {v!r}")
     if t == "str" and not isinstance(v, str):
         raise ConfigError(f"{where} must be a string, got {v!r}")
+    if t.startswith("list") and not isinstance(v, list):
+        raise ConfigError(f"{where} must be a list, got {v!r}")
+    if t.startswith("dict") and not isinstance(v, dict):
+        raise ConfigError(f"{where} must be a mapping, got {v!r}")
     if "float" in t and isinstance(v, int):
         return float(v)
     return v

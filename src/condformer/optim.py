@@ -36,10 +36,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at the last step, ``total_steps - 1``."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    peak = max(warmup - 1, 0)  # the step at which warmup reaches lr
+    progress = min(1.0, (step - peak) / max(1, total_steps - 1 - peak))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))

@@ -288,7 +288,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     bar = _progress(range(start_step, end_step), total_steps, start_step, progress and is_main)
-    skipped, last_loss, stat_acc, n_acc = 0, float("nan"), {}, 0
+    skipped, last_loss, stat_acc, n_acc, last_stats = 0, float("nan"), {}, 0, {}
     train_time, logged_time, logged_step, metrics = 0.0, 0.0, start_step, {}
     step = start_step
     model.train()
@@ -330,11 +330,12 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
             if is_main:
                 bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
             if done % cfg.log_every == 0 or done == total_steps:
+                last_stats = _stats_to_floats(stat_acc, max(n_acc, 1))
                 logger.log({"step": done, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
                             "tokens": done * tokens_per_step, "train_flops": done * flops_per_step,
                             "tokens_per_s": tokens_per_step * (done - logged_step)
                             / max(train_time - logged_time, 1e-9),
-                            **_stats_to_floats(stat_acc, max(n_acc, 1))})
+                            **last_stats})
                 stat_acc, n_acc, logged_time, logged_step = {}, 0, train_time, done
             if done % cfg.eval_every == 0 or done == total_steps:
                 metrics = evaluate(model, data, model_cfg, cfg, device, rank, world)
@@ -359,6 +360,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
         val_bits_per_byte=metrics["val_bits_per_byte"], train_loss=last_loss,
         tokens_per_s=steps_run * tokens_per_step / max(train_time, 1e-9), elapsed_s=train_time,
         params=raw_model.num_params(non_embedding=False), skipped_steps=skipped, data=data.fingerprint,
+        stats=last_stats,
     )
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from corpus_util import write_corpus
 
 
 def cf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -28,9 +27,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, env: dict) -> tuple[Path, dict]:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, env: dict, code_corpus: Path) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("cli")
-    corpus = write_corpus(root / "corpus")
+    corpus = code_corpus
     cfg = root / "model.yaml"
     cfg.write_text("model:\n  preset: tiny\n  d_model: 32\n  n_heads: 2\n  n_layers: 2\n  max_seq_len: 128\n")
     out = root / "run"

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from corpus_util import write_corpus
 from safetensors.torch import load_file
 
 from condformer.checkpoint import resolve_checkpoint
-
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux",
-                                reason="needs torchrun")
 
 
 def _run(args: list[str], env: dict[str, str]) -> dict:
@@ -30,8 +25,8 @@ def _run(args: list[str], env: dict[str, str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_two_ranks_match_one_process(tmp_path: Path) -> None:
-    corpus = write_corpus(tmp_path / "corpus")
+def test_two_ranks_match_one_process(tmp_path: Path, code_corpus: Path) -> None:
+    corpus = code_corpus
     cfg = tmp_path / "model.json"
     cfg.write_text(json.dumps({"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64}}))
     env = {**os.environ, "CONDFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

@@ -234,3 +234,28 @@ def test_trainer_optimises_aux_losses_and_logs_stats(corpus: Path, tmp_path: Pat
     logged = [row for row in rows if "loss" in row]
     assert all(row["layer0/half"] == 0.5 and row["layer1/half"] == 0.5 for row in logged)
     assert r.stats == {"layer0/half": 0.5, "layer1/half": 0.5}
+
+
+@pytest.mark.parametrize("where", ["lr_at", "evaluate"])
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(corpus: Path, tmp_path: Path, monkeypatch, where) -> None:
+    """Ctrl-C at the start of step 5 (before its update) or during the evaluation after step 6 (after it)."""
+    import condformer.train as train_mod
+
+    full = train(model_cfg(), train_cfg(corpus, max_steps=10), tmp_path / "a", progress=False)
+    real = getattr(train_mod, where)
+
+    def interrupting(*args, **kwargs):
+        if where == "lr_at" and args[0] == 5:
+            raise KeyboardInterrupt
+        if where == "evaluate":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, where, interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(model_cfg(), train_cfg(corpus, max_steps=10), tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_mod, where, real)
+    assert read_checkpoint(tmp_path / "b").state["step"] == (5 if where == "lr_at" else 6)
+    resumed = train(model_cfg(), train_cfg(corpus, max_steps=10), tmp_path / "b", progress=False, resume=True)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert resumed.val_loss == full.val_loss

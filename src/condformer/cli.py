@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--out", default="runs/latest", help="run directory (checkpoints, logs)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the run's saved config")
     s.add_argument("--sample", metavar="PROMPT", help="after training, print a sample continuing PROMPT")
     s.add_argument("--sample-tokens", type=int, default=200)
     s.add_argument("--no-progress", action="store_true")

@@ -290,7 +290,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
     bar = _progress(range(start_step, end_step), total_steps, start_step, progress and is_main)
     skipped, last_loss, stat_acc, n_acc, last_stats = 0, float("nan"), {}, 0, {}
     train_time, logged_time, logged_step, metrics = 0.0, 0.0, start_step, {}
-    step = start_step
+    completed = start_step  # steps whose update (or deliberate skip) is fully applied
     model.train()
     try:
         for step in bar:
@@ -321,9 +321,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
                     )
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
+                completed = step + 1
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            completed = step + 1
             train_time += time.perf_counter() - t0
             last_loss = float(loss_avg)
             done = step + 1
@@ -344,9 +346,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
                 checkpoint(done)
         final_step = end_step
     except KeyboardInterrupt:
-        # keep the work done so far: the last completed step can be resumed exactly
-        final_step = step
-        checkpoint(final_step)
+        # keep the work done so far: resuming from the last completed step continues exactly
+        checkpoint(completed)
         logger.close()
         raise
     checkpoint(final_step)

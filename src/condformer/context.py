@@ -18,9 +18,18 @@ from condformer.cache import KVCache, LayerKV
 
 
 class Tally:
-    def __init__(self) -> None:
+    """Auxiliary losses, scalar statistics and (when ``tracing``) per-token traces of one forward pass.
+
+    Traces are per-token tensors such as a routing layer's decisions (B, T); they are recorded only when
+    the caller asks for them (``model(..., trace=True)``, used by ``condformer inspect``), so training
+    pays nothing for them.
+    """
+
+    def __init__(self, tracing: bool = False) -> None:
         self.losses: dict[str, torch.Tensor] = {}
         self.stats: dict[str, torch.Tensor | float] = {}
+        self.traces: dict[str, torch.Tensor] = {}
+        self.tracing = tracing
 
     def loss(self, name: str, value: torch.Tensor) -> None:
         """Add ``value`` to the auxiliary loss ``name`` (summed if added twice)."""
@@ -30,6 +39,11 @@ class Tally:
         """Record a statistic, keyed ``layer{L}/{name}`` (or ``name`` when not layer-specific)."""
         key = name if layer is None else f"layer{layer}/{name}"
         self.stats[key] = value.detach() if isinstance(value, torch.Tensor) else value
+
+    def trace(self, layer: int, name: str, value: torch.Tensor) -> None:
+        """Record a per-token tensor keyed ``layer{L}/{name}``, if tracing is on."""
+        if self.tracing:
+            self.traces[f"layer{layer}/{name}"] = value.detach()
 
     def total(self, like: torch.Tensor) -> torch.Tensor:
         """Sum of all auxiliary losses, a zero scalar on ``like``'s device when there are none."""
@@ -45,8 +59,9 @@ class Context:
 
     positions_BT: each token's original position (rotary angles and causal order use it).
     valid_BT: False for padding tokens (left-padded batched prompts); None when all are real.
-    contiguous: True when positions are 0..T-1 in every row and nothing is padded, so attention may
-        use the fused ``is_causal`` path instead of an explicit mask.
+    contiguous: True when positions strictly increase along every row and nothing is padded, so causal
+        order by position is the lower triangle by index and attention may use the fused ``is_causal``
+        path instead of an explicit mask (true for 0..T-1 and for a position-sorted subset of it).
     """
 
     positions_BT: torch.Tensor
@@ -64,8 +79,16 @@ class Context:
     def kv(self) -> LayerKV | None:
         return None if self.cache is None else self.cache.layers[self.layer]
 
-    def subset(self, idx_BK: torch.Tensor) -> Context:
-        """The context of a gathered subset of tokens (original positions and validity kept)."""
+    def subset(self, idx_BK: torch.Tensor, *, keep_BK: torch.Tensor | None = None,
+               ascending: bool = False) -> Context:
+        """The context of a gathered subset of tokens (original positions and validity kept).
+
+        keep_BK: marks gathered tokens that only fill a row to the common width as invalid (False).
+        ascending: the caller guarantees each row of ``idx_BK`` is increasing; then a subset of a
+            contiguous context is still contiguous in the sense above (fused causal attention applies).
+        """
         valid = None if self.valid_BT is None else self.valid_BT.gather(1, idx_BK)
+        if keep_BK is not None:
+            valid = keep_BK if valid is None else valid & keep_BK
         return dataclasses.replace(self, positions_BT=self.positions_BT.gather(1, idx_BK), valid_BT=valid,
-                                   contiguous=False)
+                                   contiguous=self.contiguous and ascending and valid is None)

@@ -28,6 +28,7 @@ class Output:
     logits: (B, T, V). loss: mean cross-entropy over targets != IGNORE_INDEX, or None without targets.
     aux_loss: sum of the auxiliary losses layers added (a zero scalar when none).
     aux_losses: each auxiliary loss by name. stats: routing statistics by ``layer{L}/{name}`` (tensors).
+    traces: per-token tensors by ``layer{L}/{name}`` (e.g. routing decisions), only with ``trace=True``.
     """
 
     logits: torch.Tensor
@@ -35,6 +36,7 @@ class Output:
     aux_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    traces: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def build_layer(cfg: ModelConfig, layer_index: int) -> nn.Module:
@@ -82,9 +84,14 @@ class Transformer(nn.Module):
         positions_BT: torch.Tensor | None = None,
         valid_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        trace: bool = False,
     ) -> Output:
-        """Run the model. ``positions_BT`` defaults to 0..T-1; ``valid_BT`` marks padding as False."""
+        """Run the model. ``positions_BT`` defaults to 0..T-1; ``valid_BT`` marks padding as False.
+
+        ``trace=True`` also returns per-token traces (routing decisions, ...) in ``Output.traces``.
+        """
         ctx = self._context(tokens_BT, positions_BT, valid_BT, cache)
+        ctx.tally.tracing = trace
         h = self.embed(tokens_BT)
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx.for_layer(i))
@@ -95,7 +102,8 @@ class Transformer(nn.Module):
         loss = None
         if targets_BT is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
-        return Output(logits, loss, ctx.tally.total(h), dict(ctx.tally.losses), dict(ctx.tally.stats))
+        tally = ctx.tally
+        return Output(logits, loss, tally.total(h), dict(tally.losses), dict(tally.stats), dict(tally.traces))
 
     def _context(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor | None,
                  valid_BT: torch.Tensor | None, cache: KVCache | None) -> Context:

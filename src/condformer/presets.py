@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from condformer.config import ModelConfig
+from condformer.config import LayerSpec, ModelConfig, every_other
 from condformer.errors import ConfigError
 
 SIZES: dict[str, dict] = {
@@ -42,5 +42,13 @@ def preset(name: str) -> ModelConfig:
     return cfg.validate()
 
 
+
+def _mod(dims: dict) -> ModelConfig:
+    """Mixture-of-Depths (Raposo et al. 2024): c = 0.125 on every other block, causal predictor on."""
+    routed = LayerSpec(router="mod", options={"capacity": 0.125, "causal_router": "predictor"})
+    return ModelConfig(**dims, layers=every_other(routed))
+
+
 for _size, _dims in SIZES.items():
     register_preset(_size, lambda d=_dims: ModelConfig(**d))
+    register_preset(f"{_size}-mod", lambda d=_dims: _mod(d))

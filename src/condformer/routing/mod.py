@@ -1,0 +1,237 @@
+"""Mixture-of-Depths (Raposo et al. 2024, arXiv 2404.02258): a learned router picks which tokens get a block.
+
+Shapes: B batch, T tokens, K tokens that get the block, D d_model.
+
+Training (and ``eval_routing="topk"``)::
+
+    r_BT   = w . x_BT                      one Linear(D, 1) per routed layer, float32
+    idx_BK = top-k(r_BT) per sequence      k = max(1, floor(c * T)): static shape, exact load
+             sorted by position            (causal order kept; rotary at original positions)
+    d_BKD  = block(x[idx_BK])              attention only among the K chosen tokens
+    x'     = x + scatter(g(r) * d_BKD)     g = sigmoid or identity; unchosen tokens pass unchanged
+
+The block returns its residual-free update, so the residual is neither scaled by the router weight nor
+counted twice. Top-k over a sequence is not causal (whether token t is chosen depends on later tokens), so
+for evaluation and sampling a per-token **causal decision** replaces it: a token gets the block iff its
+causal logit is > 0. Two ways to learn that logit, trained jointly with the language model (section 3.5
+of the paper):
+
+* ``causal_router="aux"``: binary cross-entropy on the router's own logits r against top-k membership;
+* ``causal_router="predictor"``: a small MLP on the stop-gradient router input, trained with the same
+  BCE; it cannot disturb the language model.
+
+In causal mode the number of routed tokens is data-dependent; we read its per-row maximum (one host
+sync per routed layer), gather that many tokens per row (routed ones first) and mark the fillers
+invalid, so attention ignores them, they add nothing to the residual, and in a KV cache they are stored
+as invalid entries. A decode step whose token skips the layer runs nothing and caches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condformer.config import LayerSpec, ModelConfig
+from condformer.context import Context
+from condformer.errors import ConfigError
+from condformer.registry import ROUTERS
+
+WEIGHTINGS = ("sigmoid", "raw")
+CAUSAL_ROUTERS = ("predictor", "aux", "none")
+EVAL_ROUTINGS = ("causal", "topk")
+DEFAULTS: dict[str, Any] = {
+    "capacity": 0.125,  # the paper's best: 12.5% of tokens on every other block
+    "weighting": "sigmoid",
+    "causal_router": "predictor",
+    "eval_routing": "causal",
+    "aux_coef": 0.1,  # weight of the BCE on router logits ("aux")
+    "predictor_coef": 1.0,  # weight of the predictor's BCE (stop-gradient input: only the predictor learns it)
+    "predictor_hidden": None,  # None: d_model // 4
+}
+
+
+def capacity_tokens(capacity: float, seq_len: int) -> int:
+    """k = max(1, floor(c * T)): tokens per sequence that get the block (never 0, even for short input).
+
+    A tiny epsilon absorbs float error in c * T (0.3 * 10 is 2.9999999999999996 in binary floating point).
+    """
+    return max(1, min(seq_len, math.floor(capacity * seq_len + 1e-9)))
+
+
+def predictor_width(cfg: ModelConfig, spec: LayerSpec) -> int:
+    h = spec.options.get("predictor_hidden")
+    return max(8, cfg.d_model // 4) if h is None else h
+
+
+def _opt(spec: LayerSpec, name: str) -> Any:
+    return spec.options.get(name, DEFAULTS[name])
+
+
+@ROUTERS.register("mod")
+class MoDRouter(nn.Module):
+    """Mixture-of-Depths around any block: top-k tokens in training, a causal decision at inference::
+
+        x ─┬─ router r ─ top-k / causal ─ gather ─ block ─ x g(r) ─ scatter-add ─(+)─> x'
+           └──────────────────────────── (tokens not chosen pass unchanged) ──────┘
+    """
+
+    options: tuple[str, ...] = tuple(DEFAULTS)
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.layer_index = layer_index
+        self.capacity = float(_opt(spec, "capacity"))
+        self.weighting = _opt(spec, "weighting")
+        self.causal_router = _opt(spec, "causal_router")
+        self.eval_routing = _opt(spec, "eval_routing")
+        self.aux_coef = float(_opt(spec, "aux_coef"))
+        self.predictor_coef = float(_opt(spec, "predictor_coef"))
+        self.router = nn.Linear(cfg.d_model, 1, bias=False)
+        nn.init.normal_(self.router.weight, std=cfg.init_std)
+        self.predictor: nn.Module | None = None
+        if self.causal_router == "predictor":
+            h = predictor_width(cfg, spec)
+            self.predictor = nn.Sequential(nn.Linear(cfg.d_model, h), nn.SiLU(), nn.Linear(h, 1))
+
+    # -- routing scores ----------------------------------------------------------------------
+    def router_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """r = w . x in float32 or wider (outside autocast: top-k and the BCE are sensitive to bf16 rounding)."""
+        dtype = torch.promote_types(x_BTD.dtype, torch.float32)
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            return F.linear(x_BTD.to(dtype), self.router.weight.to(dtype)).squeeze(-1)
+
+    def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
+        """The per-token logit whose sign is the causal decision (depends on x_t only)."""
+        if self.predictor is not None:
+            logit_BT = self.predictor(x_BTD.detach()).squeeze(-1)
+            return logit_BT.to(torch.promote_types(logit_BT.dtype, torch.float32))
+        return r_BT
+
+    def gate(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(r) if self.weighting == "sigmoid" else r
+
+    def use_topk(self) -> bool:
+        return self.training or self.eval_routing == "topk"
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        r_BT = self.router_logits(x_BTD)
+        if self.use_topk():
+            if ctx.kv is not None:
+                raise ConfigError(
+                    f"MoD layer {self.layer_index} routes by top-k, which is not causal and cannot decode with a "
+                    f"KV cache; use eval mode with eval_routing='causal' and a causal_router ('predictor' or 'aux')")
+            return self._forward_topk(x_BTD, r_BT, ctx)
+        return self._forward_causal(x_BTD, r_BT, ctx)
+
+    def _update_chosen(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, idx_BK: torch.Tensor, sub: Context,
+               keep_BK: torch.Tensor | None = None) -> torch.Tensor:
+        """x + scatter(g(r) * block(x[idx])): the update lands only on the gathered tokens."""
+        D = x_BTD.shape[-1]
+        idx_BKD = idx_BK[..., None].expand(-1, -1, D)
+        delta_BKD = self.block(x_BTD.gather(1, idx_BKD), sub)
+        w_BK = self.gate(r_BT.gather(1, idx_BK))
+        if keep_BK is not None:
+            w_BK = w_BK * keep_BK
+        return x_BTD.scatter_add(1, idx_BKD, (w_BK[..., None] * delta_BKD).to(x_BTD.dtype))
+
+    def _forward_topk(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        k = capacity_tokens(self.capacity, T)
+        score_BT = r_BT if ctx.valid_BT is None else r_BT.masked_fill(~ctx.valid_BT, float("-inf"))
+        idx_BK = score_BT.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        if self.training:
+            self._learn_causal_decision(x_BTD, r_BT, idx_BK, ctx)
+        if ctx.tally.tracing:
+            ctx.tally.trace(ctx.layer, "mod_routed", torch.zeros_like(r_BT, dtype=torch.bool).scatter(1, idx_BK, True))
+        ctx.tally.stat(ctx.layer, "mod_routed_frac", k / T)
+        return self._update_chosen(x_BTD, r_BT, idx_BK, ctx.subset(idx_BK, ascending=True))
+
+    def _forward_causal(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        route_BT = self.causal_logits(x_BTD, r_BT) > 0
+        if ctx.valid_BT is not None:
+            route_BT = route_BT & ctx.valid_BT
+        counts_B = route_BT.sum(dim=1)
+        n_valid = T * B if ctx.valid_BT is None else ctx.valid_BT.sum()
+        ctx.tally.stat(ctx.layer, "mod_routed_frac", counts_B.sum() / n_valid)
+        ctx.tally.trace(ctx.layer, "mod_routed", route_BT)
+        n = int(counts_B.max())  # the one host sync: how many tokens the fullest row sends through
+        if n == 0:
+            return x_BTD  # nobody gets the block: no compute, nothing cached
+        # routed tokens first (earliest first), then fillers; a row of B == 1 has no fillers
+        order_BT = route_BT.to(torch.long) * (2 * T) - torch.arange(T, device=x_BTD.device)
+        idx_BK = order_BT.topk(n, dim=1).indices.sort(dim=1).values
+        keep_BK = None if B == 1 else route_BT.gather(1, idx_BK)
+        sub = ctx.subset(idx_BK, keep_BK=keep_BK, ascending=True)
+        return self._update_chosen(x_BTD, r_BT, idx_BK, sub, keep_BK)
+
+    # -- causal routing for sampling ---------------------------------------------------------
+    def _learn_causal_decision(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, idx_BK: torch.Tensor,
+                               ctx: Context) -> None:
+        """BCE of the causal logit against top-k membership (built per row), plus its accuracy stats."""
+        if self.causal_router == "none":
+            return
+        target_BT = torch.zeros_like(r_BT).scatter(1, idx_BK, 1.0)
+        logit_BT = self.causal_logits(x_BTD, r_BT)
+        weight = None if ctx.valid_BT is None else ctx.valid_BT.float()
+        bce = F.binary_cross_entropy_with_logits(logit_BT, target_BT, weight=weight)
+        coef = self.aux_coef if self.causal_router == "aux" else self.predictor_coef
+        ctx.tally.loss(f"mod_{self.causal_router}_bce", coef * bce)
+        with torch.no_grad():
+            pred_BT, true_BT = logit_BT > 0, target_BT > 0.5
+            tp = (pred_BT & true_BT).sum().float()
+            ctx.tally.stat(ctx.layer, "mod_bce", bce)
+            ctx.tally.stat(ctx.layer, "mod_causal_acc", (pred_BT == true_BT).float().mean())
+            ctx.tally.stat(ctx.layer, "mod_causal_precision", tp / pred_BT.sum().clamp(min=1))
+            ctx.tally.stat(ctx.layer, "mod_causal_recall", tp / true_BT.sum().clamp(min=1))
+            ctx.tally.stat(ctx.layer, "mod_causal_frac", pred_BT.float().mean())
+
+    # -- config and cost ---------------------------------------------------------------------
+    @staticmethod
+    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
+        c = spec.options.get("capacity", DEFAULTS["capacity"])
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+            raise ConfigError(f"layers[{i}]: capacity must be in (0, 1], got {c!r}")
+        for name, choices in (("weighting", WEIGHTINGS), ("causal_router", CAUSAL_ROUTERS),
+                              ("eval_routing", EVAL_ROUTINGS)):
+            v = _opt(spec, name)
+            if v not in choices:
+                raise ConfigError(f"layers[{i}]: unknown {name} {v!r}; choose one of: {', '.join(choices)}")
+        for name in ("aux_coef", "predictor_coef"):
+            v = _opt(spec, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"layers[{i}]: {name} must be a number >= 0, got {v!r}")
+        h = spec.options.get("predictor_hidden")
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ConfigError(f"layers[{i}]: predictor_hidden must be a positive integer or null, got {h!r}")
+        if _opt(spec, "causal_router") == "none" and _opt(spec, "eval_routing") == "causal":
+            raise ConfigError(f"layers[{i}]: eval_routing 'causal' needs a causal_router ('predictor' or 'aux'); "
+                              f"set one, or eval_routing='topk' (not causal: no generation)")
+
+    @staticmethod
+    def flops(cfg: ModelConfig, spec: LayerSpec, seq_len: int, block_flops) -> int:
+        """Forward FLOPs at capacity: the block on k tokens (attention k x k), router and predictor on all T."""
+        k = capacity_tokens(float(_opt(spec, "capacity")), seq_len)
+        d = cfg.d_model
+        flops = block_flops(k, k) + 2 * seq_len * d
+        if _opt(spec, "causal_router") == "predictor":
+            h = predictor_width(cfg, spec)
+            flops += 2 * seq_len * d * h + 2 * seq_len * h
+        return flops
+
+
+def set_eval_routing(model: nn.Module, mode: str) -> None:
+    """Switch every MoD layer of ``model`` to ``"causal"`` or ``"topk"`` routing in eval mode."""
+    if mode not in EVAL_ROUTINGS:
+        raise ConfigError(f"unknown eval_routing {mode!r}; choose one of: {', '.join(EVAL_ROUTINGS)}")
+    for m in model.modules():
+        if isinstance(m, MoDRouter):
+            if mode == "causal" and m.causal_router == "none":
+                raise ConfigError(f"MoD layer {m.layer_index} has no causal router; it can only route by top-k")
+            m.eval_routing = mode

@@ -81,3 +81,41 @@ def test_dense_layer_closed_form(d, T, n_layers):
 def test_count_flops_validates(tiny_cfg):
     with pytest.raises(ConfigError):
         count_flops(tiny_cfg(d_model=30), 16)
+
+
+# -- Mixture-of-Depths: only the work actually done --------------------------------------------
+def _mod_cfg(tiny_cfg, capacity: float, causal_router: str, **kw):
+    from condformer.config import LayerSpec, every_other
+
+    opts = {"capacity": capacity, "causal_router": causal_router}
+    if causal_router == "none":
+        opts["eval_routing"] = "topk"
+    return tiny_cfg(n_layers=4, layers=every_other(LayerSpec(router="mod", options=opts)), **kw)
+
+
+@pytest.mark.parametrize("T", [16, 40])
+@pytest.mark.parametrize(("capacity", "causal_router"), [(0.25, "predictor"), (0.125, "aux"), (1.0, "none")])
+def test_mod_flops_match_flop_counter(tiny_cfg, capacity, causal_router, T):
+    # the training-mode forward (top-k at capacity; the predictor runs for its BCE) under FlopCounterMode
+    cfg = _mod_cfg(tiny_cfg, capacity, causal_router)
+    model = build_model(cfg).train()
+    tokens = torch.randint(0, 260, (1, T))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens)
+    measured = counter.get_total_flops()
+    report = count_flops(cfg, T)
+    assert abs(report.forward_flops - measured) <= 0.01 * measured, (report.forward_flops, measured)
+    dense = count_flops(tiny_cfg(n_layers=4), T)
+    assert report.per_layer[0] == dense.per_layer[0]  # the dense layers are untouched
+    if capacity < 1:
+        assert report.forward_flops < dense.forward_flops
+
+
+def test_mod_flop_formula(tiny_cfg):
+    # a routed layer = the block on k = floor(c T) tokens (attention k x k) + router + predictor on all T
+    d, T, c = 32, 40, 0.25
+    k, h = 10, 8  # predictor_hidden defaults to d // 4
+    report = count_flops(_mod_cfg(tiny_cfg, c, "predictor"), T)
+    block_k = 24 * k * d * d + 4 * k * k * d
+    assert report.per_layer[1] == block_k + 2 * T * d + 2 * T * d * h + 2 * T * h
+    assert report.per_layer[0] == 24 * T * d * d + 4 * T * T * d

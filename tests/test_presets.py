@@ -66,3 +66,18 @@ def test_every_preset_builds_on_meta_and_matches_count_flops(name):
     assert report.non_embedding_params == n - cfg.vocab_size * cfg.d_model
     if name in SIZES:
         assert n == _dense_param_count(cfg.n_layers, cfg.d_model, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_mod_presets_route_every_other_block_with_a_causal_predictor(size):
+    mod, dense = preset(f"{size}-mod"), preset(size)
+    assert (mod.n_layers, mod.d_model, mod.n_heads, mod.max_seq_len) == (dense.n_layers, dense.d_model,
+                                                                         dense.n_heads, dense.max_seq_len)
+    specs = mod.layer_specs()
+    assert [s.router for s in specs] == ["dense", "mod"] * (mod.n_layers // 2)
+    for s in specs[1::2]:
+        assert s.options["capacity"] == 0.125 and s.options["causal_router"] == "predictor"
+    # routed layers cost the block on 1/8 of the tokens plus the router and predictor
+    T = 1024
+    ratio = count_flops(mod, T).forward_flops / count_flops(dense, T).forward_flops
+    assert 0.5 < ratio < 0.6

@@ -54,7 +54,7 @@ MEMORY_TIMEOUT_S = 900.0  # a memory child that has not answered by then is repo
 class BenchConfig:
     """What to benchmark and how carefully. See the module docstring for why the protocol is as it is."""
 
-    preset: str | ModelConfig  # model A: a preset name or a config
+    preset: str | ModelConfig  # model A: a preset name, a config, or a run/checkpoint directory (trained weights)
     vs: str | ModelConfig | None = None  # model B, the baseline (typically A's dense twin)
     mode: str = "train"  # "train" | "forward" | "generate"
     seq_len: int = 256
@@ -69,11 +69,17 @@ class BenchConfig:
     max_retries: int = 3  # re-measurements allowed for one disturbed measurement
     contention_threshold: float = 0.3  # other processes' CPU use, in cores, that disturbs a measurement
     seed: int = 0
+    # forward mode: "topk" times routed layers at their static capacity (what count_flops counts);
+    # "causal" times their learned per-token decisions (meaningful for trained weights only)
+    eval_routing: str = "topk"
+    data: str | None = None  # None: random tokens; a corpus spec ("stdlib", PATH): real text from its val split
 
     def validate(self) -> BenchConfig:
         """Check the fields that do not depend on the models; one-line :class:`ConfigError` otherwise."""
         if self.mode not in MODES:
             raise ConfigError(f"unknown bench mode '{self.mode}'; choose one of: {', '.join(MODES)}")
+        if self.eval_routing not in ("topk", "causal"):
+            raise ConfigError(f"unknown eval_routing '{self.eval_routing}'; choose topk or causal")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown bench dtype '{self.dtype}'; choose one of: {', '.join(DTYPES)}")
         for name in ("seq_len", "batch_size", "repeats"):
@@ -200,6 +206,7 @@ class _Bench:
     sync: Callable[[], None]
     device: torch.device
     optimizer: torch.optim.Optimizer | None = None  # train mode: the memory probe pre-allocates its state
+    checkpoint: str | None = None  # weights loaded from this checkpoint (else the bench seed's init)
 
 
 @dataclass
@@ -222,15 +229,25 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _resolve_models(cfg: BenchConfig) -> list[tuple[str, str, ModelConfig]]:
-    """[(result key, label, config)] for A and, if given, B. Equal names get a ``#2`` suffix on B."""
+def _resolve_models(cfg: BenchConfig) -> list[tuple[str, str, ModelConfig, str | None]]:
+    """[(result key, label, config, checkpoint)] for A and, if given, B. Equal names get a ``#2`` suffix on B.
+
+    A string that names an existing directory is read as a run (or checkpoint) directory: its config is
+    used and its trained weights are loaded, which is what a benchmark of learned routing decisions needs.
+    """
+    from condformer.checkpoint import read_checkpoint
     from condformer.presets import preset
 
-    out: list[tuple[str, str, ModelConfig]] = []
+    out: list[tuple[str, str, ModelConfig, str | None]] = []
     for which in (cfg.preset, cfg.vs):
         if which is None:
             continue
-        if isinstance(which, str):
+        ck_path = None
+        if isinstance(which, str) and os.path.isdir(which):
+            ck = read_checkpoint(which)
+            mcfg, ck_path = ck.model_cfg, str(ck.path)
+            mcfg.name = os.path.basename(os.path.normpath(which)) or mcfg.name
+        elif isinstance(which, str):
             mcfg = preset(which)
         elif isinstance(which, ModelConfig):
             mcfg = which.validate()
@@ -243,7 +260,7 @@ def _resolve_models(cfg: BenchConfig) -> list[tuple[str, str, ModelConfig]]:
                               f"lower seq_len")
         if cfg.mode == "generate" and not mcfg.causal:
             raise ConfigError(f"generate mode needs a decoder; model '{label}' is an encoder")
-        out.append((key, label, mcfg))
+        out.append((key, label, mcfg, ck_path))
     return out
 
 
@@ -254,7 +271,16 @@ def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
 
 
 def _make_inputs(cfg: BenchConfig, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (tokens, targets) from a fixed generator: identical for both models, and across runs."""
+    """(tokens, targets) identical for both models and across runs: random from a fixed generator, or
+    fixed windows of the corpus ``cfg.data`` (byte tokens) when a routing decision should see real text."""
+    if cfg.data is not None:
+        from condformer.data import prepare_data
+
+        data = prepare_data(cfg.data, "byte")
+        if data.tokenizer.vocab_size > vocab:
+            raise ConfigError(f"bench data uses the byte tokenizer ({data.tokenizer.vocab_size} ids) but a model has "
+                              f"vocab_size {vocab}; bench without --data")
+        return data.get_batch("val", 0, cfg.batch_size, cfg.seq_len, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=g)
     targets = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=g)
@@ -262,13 +288,21 @@ def _make_inputs(cfg: BenchConfig, vocab: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: torch.device,
-           tokens: torch.Tensor, targets: torch.Tensor) -> _Bench:
+           tokens: torch.Tensor, targets: torch.Tensor, checkpoint: str | None = None) -> _Bench:
     """Build a model with the bench seed (so A and B start from the same RNG state) and its op."""
     from condformer.generate import SamplingConfig, generate
     from condformer.optim import make_optimizer
+    from condformer.routing.mod import set_eval_routing
 
     torch.manual_seed(cfg.seed)
-    model = build_model(mcfg).to(device)
+    model = build_model(mcfg)
+    if checkpoint is not None:
+        from condformer.checkpoint import load_weights, read_checkpoint
+
+        load_weights(read_checkpoint(checkpoint), model)
+    model = model.to(device)
+    # forward: the requested routing; generate: always the causal decisions (top-k cannot decode)
+    set_eval_routing(model, cfg.eval_routing if cfg.mode == "forward" else "causal")
     x, y = tokens.to(device), targets.to(device)
     dtype = cfg.dtype
     opt: torch.optim.Optimizer | None = None
@@ -306,7 +340,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    return _Bench(key, label, mcfg, model, step, sync, device, opt)
+    return _Bench(key, label, mcfg, model, step, sync, device, opt, checkpoint)
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -455,7 +489,8 @@ def _prepare_optimizer_state(bench: _Bench) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _memory_child(conn: Any, cfg_dict: dict, bench_cfg: BenchConfig, vocab: int, threads: int) -> None:
+def _memory_child(conn: Any, cfg_dict: dict, bench_cfg: BenchConfig, vocab: int, threads: int,
+                  checkpoint: str | None = None) -> None:
     """Runs in a fresh process: peak extra resident memory of one iteration of the op (bytes).
 
     The baseline is taken right before the iteration (after building the model, its inputs and, in
@@ -471,7 +506,7 @@ def _memory_child(conn: Any, cfg_dict: dict, bench_cfg: BenchConfig, vocab: int,
         torch.set_num_threads(threads)
         mcfg = ModelConfig.from_dict(cfg_dict)
         tokens, targets = _make_inputs(bench_cfg, vocab)  # the parent's inputs, drawn the same way
-        bench = _build("child", mcfg.name, mcfg, bench_cfg, torch.device("cpu"), tokens, targets)
+        bench = _build("child", mcfg.name, mcfg, bench_cfg, torch.device("cpu"), tokens, targets, checkpoint)
         _prepare_optimizer_state(bench)
         gc.collect()
         before, method = _peak_rss_bytes(reset=True)
@@ -493,7 +528,7 @@ def _memory_subprocess(bench: _Bench, cfg: BenchConfig, vocab: int) -> tuple[int
         ctx = multiprocessing.get_context("spawn")
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_memory_child, args=(send, bench.cfg.to_dict(), child_cfg, vocab,
-                                                       torch.get_num_threads()), daemon=True)
+                                                       torch.get_num_threads(), bench.checkpoint), daemon=True)
         proc.start()
         send.close()  # so that recv sees EOF if the child dies without answering
         try:
@@ -557,9 +592,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     cfg.validate()
     device = _resolve_device(cfg.device)
     specs = _resolve_models(cfg)
-    vocab = min(m.vocab_size for _, _, m in specs)
+    vocab = min(m.vocab_size for _, _, m, _ in specs)
     tokens, targets = _make_inputs(cfg, vocab)
-    benches = [_build(key, label, mcfg, cfg, device, tokens, targets) for key, label, mcfg in specs]
+    benches = [_build(key, label, mcfg, cfg, device, tokens, targets, ck) for key, label, mcfg, ck in specs]
 
     for b in benches:  # warm-up: allocator growth, kernel selection and lazy init stay out of the timings
         for _ in range(cfg.warmup):
@@ -612,6 +647,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "others_cpu_median": _median_or_none([m.others_cpu for m in ms]),
             "others_cpu": [m.others_cpu for m in ms],
             "config": b.cfg.to_dict(),
+            "checkpoint": b.checkpoint,
+            "stats": _routing_stats(b, cfg, tokens),
         }
 
     result: dict[str, Any] = {
@@ -637,6 +674,30 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if a["peak_memory_bytes"] is not None and b["peak_memory_bytes"]:
             result["memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
     return result
+
+
+def _routing_stats(bench: _Bench, cfg: BenchConfig, tokens: torch.Tensor) -> dict[str, float]:
+    """The statistics layers report (routed fractions, ...) for one no-grad pass over the bench input.
+
+    Routing is the op's: train mode's static top-k for ``train``, the configured eval routing for
+    ``forward``, and the causal decisions over the prompt for ``generate`` (a causal decision is per
+    token, so decoding makes the same ones).
+    """
+    x = tokens.to(bench.device)
+    if cfg.mode == "generate":
+        x = x[:, : cfg.seq_len - cfg.new_tokens]
+    was_training = bench.model.training
+    bench.model.train(cfg.mode == "train")
+    with torch.no_grad(), _autocast(cfg.dtype, bench.device):
+        stats = bench.model(x).stats
+    bench.model.train(was_training)
+    return {k: float(v) for k, v in stats.items()}
+
+
+def mean_routed_fraction(stats: dict[str, float]) -> float | None:
+    """Mean over routed layers of their ``*routed_frac`` statistic; None for a model with none."""
+    fracs = [v for k, v in stats.items() if k.endswith("routed_frac")]
+    return sum(fracs) / len(fracs) if fracs else None
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -690,5 +751,9 @@ def format_bench(result: dict[str, Any]) -> str:
             lines.append(f"memory ratio A/B = {result['memory_ratio']:.2f}")
     else:
         lines.append(f"{n} disturbed measurements")
+    for name in names:
+        frac = mean_routed_fraction(result["models"][name].get("stats") or {})
+        if frac is not None:
+            lines.append(f"{name}: routed layers process {frac:.1%} of tokens on average")
     lines.extend(f"warning: {w}" for w in result.get("warnings", []))
     return "\n".join(lines)

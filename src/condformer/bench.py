@@ -54,7 +54,8 @@ MEMORY_TIMEOUT_S = 900.0  # a memory child that has not answered by then is repo
 class BenchConfig:
     """What to benchmark and how carefully. See the module docstring for why the protocol is as it is."""
 
-    preset: str | ModelConfig  # model A: a preset name, a config, or a run/checkpoint directory (trained weights)
+    # model A: a preset name, a config (or a .json/.yaml config file), or a run directory (trained weights)
+    preset: str | ModelConfig
     vs: str | ModelConfig | None = None  # model B, the baseline (typically A's dense twin)
     mode: str = "train"  # "train" | "forward" | "generate"
     seq_len: int = 256
@@ -236,6 +237,7 @@ def _resolve_models(cfg: BenchConfig) -> list[tuple[str, str, ModelConfig, str |
     used and its trained weights are loaded, which is what a benchmark of learned routing decisions needs.
     """
     from condformer.checkpoint import read_checkpoint
+    from condformer.config import load_config_file
     from condformer.presets import preset
 
     out: list[tuple[str, str, ModelConfig, str | None]] = []
@@ -247,6 +249,8 @@ def _resolve_models(cfg: BenchConfig) -> list[tuple[str, str, ModelConfig, str |
             ck = read_checkpoint(which)
             mcfg, ck_path = ck.model_cfg, str(ck.path)
             mcfg.name = os.path.basename(os.path.normpath(which)) or mcfg.name
+        elif isinstance(which, str) and which.endswith((".json", ".yaml", ".yml")):
+            mcfg = load_config_file(which)[0]
         elif isinstance(which, str):
             mcfg = preset(which)
         elif isinstance(which, ModelConfig):

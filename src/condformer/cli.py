@@ -132,6 +132,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from condformer.train import evaluate
 
     ck, model, tok = _load_for_inference(args.checkpoint)
+    if args.eval_routing:
+        from condformer.routing.mod import set_eval_routing
+
+        set_eval_routing(model, args.eval_routing)
     cfg = ck.train_cfg
     if cfg is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no training config; evaluate a run written by train")
@@ -195,13 +199,48 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _emit(args, "", {"prompt": args.prompt, "text": text})
 
 
+# -- inspect -----------------------------------------------------------------------------------
+INSPECT_TEXT = 'def mean(xs):\n    """Average."""\n    return sum(xs) / len(xs)\n'
+"""What ``condformer inspect`` routes when no text is given: code short enough (62 bytes) that every token
+gets a label and it fits even a test model's max_seq_len of 64."""
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from condformer.inspection import inspect_routing, plot_routing, short_name
+
+    if args.text_file is not None:
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+            raise CondformerError(f"cannot read --text-file '{args.text_file}' ({reason})") from None
+    else:
+        text = INSPECT_TEXT if args.text is None else args.text
+    ck, model, tok = _load_for_inference(args.checkpoint)
+    if tok is None:
+        raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot encode text")
+    result = inspect_routing(model, tok, text)
+    run_dir = ck.path.parent.parent if ck.path.parent.name == "checkpoints" else ck.path
+    png = plot_routing(result, args.out or run_dir / "inspect.png")
+    n = result["n_tokens"]
+    lines = [f"note: {note}" for note in result["notes"]]
+    lines += [f"layer {e['layer']}  {short_name(e['name'])}  routed {e['routed_frac']:.1%} of {n} tokens"
+              for e in result["layers"]]
+    if not result["layers"]:
+        lines.append(f"no routed layers: all {result['n_layers']} layers compute all {n} tokens")
+    lines.append(f"png: {png}")
+    _emit(args, "\n".join(lines), {**result, "checkpoint": str(ck.path), "png": str(png)})
+
+
 # -- bench -------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> None:
     from condformer.bench import BenchConfig, format_bench, run_bench
 
     cfg = BenchConfig(preset=args.preset, vs=args.vs, mode=args.mode, seq_len=args.seq_len,
                       batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                      dtype=args.dtype, memory=not args.no_memory)
+                      dtype=args.dtype, memory=not args.no_memory, eval_routing=args.eval_routing, data=args.data)
     result = run_bench(cfg, progress=not args.no_progress)
     _emit(args, format_bench(result), result)
 
@@ -254,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
     s.add_argument("--data", help="evaluate on another corpus (default: the run's)")
     s.add_argument("--batches", type=int, help="number of validation batches")
+    s.add_argument("--eval-routing", choices=["causal", "topk"],
+                   help="routed layers: learned causal decisions (the default, as in sampling) or top-k at "
+                        "capacity (not causal: an upper bound on what causal routing can reach)")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_eval)
 
@@ -270,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("bench", help="time a preset against a baseline in the same process")
-    s.add_argument("--preset", required=True)
-    s.add_argument("--vs", help="baseline preset (e.g. the dense twin)")
+    s.add_argument("--preset", required=True,
+                   help="a preset name, a config file (.json/.yaml) or a run directory (trained weights)")
+    s.add_argument("--vs", help="the baseline, given the same way (e.g. the dense twin)")
     s.add_argument("--mode", choices=["train", "forward", "generate"], default="train")
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--batch-size", type=int, default=8)
@@ -280,9 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    s.add_argument("--eval-routing", choices=["topk", "causal"], default="topk",
+                   help="forward mode: routed layers at static capacity (topk) or by learned causal decisions")
+    s.add_argument("--data", help="time on windows of this corpus (stdlib, PATH) instead of random tokens")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("inspect", help="which tokens each routed layer computed, for one text (PNG heatmap)")
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--text", help="text to route (default: a short Python snippet)")
+    g.add_argument("--text-file", metavar="FILE", help="read the text from this UTF-8 file")
+    s.add_argument("--out", metavar="PNG", help="PNG path (default: inspect.png in the run directory)")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_inspect)
     return p
 
 

@@ -115,3 +115,94 @@ def test_bad_config_file_is_one_line(tmp_path: Path, env: dict) -> None:
     bad.write_text("{oops")
     proc = cf("flops", "--config", str(bad), env=env)
     assert proc.returncode == 2 and "cannot parse" in proc.stderr
+
+
+# -- inspect -----------------------------------------------------------------------------------
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def mod_run(tmp_path_factory: pytest.TempPathFactory, env: dict, code_corpus: Path) -> Path:
+    """A tiny Mixture-of-Depths run (dense, MoD at capacity 0.25), trained for 5 steps: enough to inspect.
+
+    Trained through ``main()`` in this process rather than a subprocess: the command is the same, and it
+    saves a torch import (seconds); ``inspect`` itself runs as a real subprocess below.
+    """
+    from condformer.cli import main
+
+    root = tmp_path_factory.mktemp("inspect")
+    cfg = root / "mod.json"
+    cfg.write_text(json.dumps({
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
+                  "layers": ["dense", {"router": "mod", "options": {"capacity": 0.25}}]},
+        "train": {"eval_batches": 2, "tensorboard": False},
+    }))
+    out = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONDFORMER_CACHE", env["CONDFORMER_CACHE"])
+        assert main(["train", "--config", str(cfg), "--data", str(code_corpus), "--max-steps", "5", "--seq-len", "32",
+                     "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_inspect_mod_run_json_and_png(mod_run: Path, env: dict) -> None:
+    import matplotlib.image
+
+    proc = cf("inspect", str(mod_run), "--json", env=env)
+    got = last_json(proc)
+    n = got["n_tokens"]
+    assert 0 < n <= 64 and len(got["tokens"]) == n and got["routers"] == ["dense", "mod"]
+    [layer] = got["layers"]
+    assert layer["layer"] == 1 and layer["name"] == "mod_routed" and len(layer["routed"]) == n
+    assert set(layer["routed"]) <= {0, 1} and layer["routed_frac"] == pytest.approx(sum(layer["routed"]) / n)
+    human = proc.stdout.strip().splitlines()[:-1]
+    assert human == [f"layer 1  mod  routed {layer['routed_frac']:.1%} of {n} tokens", f"png: {got['png']}"]
+    png = Path(got["png"])
+    assert png == mod_run / "inspect.png" and png.read_bytes()[:8] == PNG_MAGIC
+    assert min(matplotlib.image.imread(png).shape[:2]) > 0
+
+
+def test_inspect_text_file_out_and_dense_run(mod_run: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from condformer.checkpoint import save_checkpoint
+    from condformer.cli import main
+    from condformer.config import ModelConfig
+    from condformer.data import ByteTokenizer
+    from condformer.model import build_model
+
+    text = tmp_path / "in.txt"
+    text.write_text("x" * 100, encoding="utf-8")  # longer than max_seq_len 64: truncated with a note
+    assert main(["inspect", str(mod_run), "--text-file", str(text), "--out", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("note: the text is 100 tokens; kept the first 64") and "of 64 tokens" in out[1]
+    assert (tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC
+
+    dense, cfg = tmp_path / "dense", ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    save_checkpoint(dense, 0, build_model(cfg), None, {"tokenizer": ByteTokenizer().to_dict()}, cfg, None)
+    assert main(["inspect", str(dense), "--text", "def f(x):", "--out", str(tmp_path / "d.png"), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "no routed layers: all 2 layers compute all 9 tokens"
+    assert json.loads(lines[-1])["layers"] == [] and (tmp_path / "d.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["/no/such/run"], "does not exist"),
+        (["RUN", "--text", ""], "empty"),
+        (["RUN", "--text-file", "/no/such/file.txt"], "cannot read --text-file"),
+        (["RUN", "--text-file", "BINARY"], "not UTF-8"),
+        (["RUN", "--text", "x", "--text-file", "f"], "not allowed with"),
+        (["RUN", "--out", "BINARY/x.png"], "cannot write"),
+    ],
+)
+def test_inspect_user_errors_are_one_line(args: list[str], needle: str, mod_run: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from condformer.cli import main
+
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00")
+    args = [{"RUN": str(mod_run), "BINARY": str(binary)}.get(a, a.replace("BINARY", str(binary))) for a in args]
+    assert main(["inspect", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
 def capacity_tokens(capacity: float, seq_len: int) -> int:
     """k = max(1, floor(c * T)): tokens per sequence that get the block (never 0, even for short input).
 
-    A tiny epsilon absorbs float error in c * T (0.3 * 10 is 2.9999999999999996 in binary floating point).
+    A tiny epsilon absorbs float error in c * T (0.29 * 100 is 28.999999999999996 in binary floating point).
     """
     return max(1, min(seq_len, math.floor(capacity * seq_len + 1e-9)))
 
@@ -179,8 +179,12 @@ class MoDRouter(nn.Module):
             return
         target_BT = torch.zeros_like(r_BT).scatter(1, idx_BK, 1.0)
         logit_BT = self.causal_logits(x_BTD, r_BT)
-        weight = None if ctx.valid_BT is None else ctx.valid_BT.float()
-        bce = F.binary_cross_entropy_with_logits(logit_BT, target_BT, weight=weight)
+        if ctx.valid_BT is None:
+            bce = F.binary_cross_entropy_with_logits(logit_BT, target_BT)
+        else:  # mean over real tokens only: padding has no top-k membership to learn
+            valid_BT = ctx.valid_BT.float()
+            bce = (F.binary_cross_entropy_with_logits(logit_BT, target_BT, reduction="none") * valid_BT).sum() \
+                / valid_BT.sum().clamp(min=1)
         coef = self.aux_coef if self.causal_router == "aux" else self.predictor_coef
         ctx.tally.loss(f"mod_{self.causal_router}_bce", coef * bce)
         with torch.no_grad():

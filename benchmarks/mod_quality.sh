@@ -10,3 +10,7 @@ condformer train --preset tiny "${common[@]}" --out "$OUT/tiny" | tail -1 > "$OU
 condformer train --preset tiny-mod "${common[@]}" --out "$OUT/tiny-mod" | tail -1 > "$OUT.tiny-mod.json"
 condformer train --config benchmarks/configs/mod-8x128.json "${common[@]}" --out "$OUT/mod-8x128" | tail -1 > "$OUT.mod-8x128.json"
 condformer train --config benchmarks/configs/mod-4x192.json "${common[@]}" --out "$OUT/mod-4x192" | tail -1 > "$OUT.mod-4x192.json"
+# the other causal-routing method: BCE on the router's own logits (aux_coef 0.1) instead of a predictor
+condformer train --config benchmarks/configs/tiny-mod-aux.json "${common[@]}" --out "$OUT/tiny-mod-aux" | tail -1 > "$OUT.tiny-mod-aux.json"
+# non-causal top-k evaluation of the same checkpoint: the upper bound that causal routing approximates
+condformer eval "$OUT/tiny-mod" --eval-routing topk --json | tail -1 > "$OUT.tiny-mod.topk.json"

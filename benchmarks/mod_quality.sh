@@ -5,6 +5,7 @@
 set -euo pipefail
 BUDGET=2.127e13
 OUT=${OUT:-runs/mod-quality}
+mkdir -p "$(dirname "$OUT")"
 common=(--budget-flops "$BUDGET" --seq-len 256 --batch-size 16 --no-progress --json)
 condformer train --preset tiny "${common[@]}" --out "$OUT/tiny" | tail -1 > "$OUT.tiny.json"
 condformer train --preset tiny-mod "${common[@]}" --out "$OUT/tiny-mod" | tail -1 > "$OUT.tiny-mod.json"

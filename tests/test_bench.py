@@ -302,3 +302,71 @@ def test_unknown_preset_and_encoder_generation_are_config_errors() -> None:
     enc = ModelConfig(name="enc", kind="encoder", d_model=32, n_layers=2, n_heads=2, max_seq_len=128)
     with pytest.raises(ConfigError, match="needs a decoder"):
         run_bench(fast(enc, mode="generate"), progress=False)
+
+
+# -- routed models: config files, trained run directories, real text, routing statistics ----------
+def small_mod(capacity: float = 0.25) -> ModelConfig:
+    from condformer.config import LayerSpec, every_other
+
+    return ModelConfig(name="m32", d_model=32, n_layers=2, n_heads=2, max_seq_len=128,
+                       layers=every_other(LayerSpec(router="mod", options={"capacity": capacity})))
+
+
+@pytest.mark.parametrize("mode", ["train", "forward"])
+def test_routed_model_reports_its_routed_fraction(mode: str) -> None:
+    # train and forward (default eval_routing "topk") time the static capacity, and say so
+    r = run_bench(fast(small_mod(0.25), vs=small(), mode=mode, repeats=1), progress=False)
+    stats = r["models"]["m32"]["stats"]
+    assert stats["layer1/mod_routed_frac"] == pytest.approx(8 / SEQ)  # k = floor(0.25 * 32)
+    assert r["models"]["a32"]["stats"] == {}
+    assert bench.mean_routed_fraction(stats) == pytest.approx(0.25)
+    assert "process 25.0% of tokens" in format_bench(r)
+    assert r["flop_ratio"] == pytest.approx(expected_flops(small_mod(0.25), mode) / expected_flops(small(), mode))
+
+
+def test_forward_with_causal_routing_uses_the_learned_decision() -> None:
+    cfg = small_mod(0.25)
+    r = run_bench(fast(cfg, mode="forward", repeats=1, eval_routing="causal"), progress=False)
+    torch.manual_seed(0)  # the bench seed: the same weights, so the same decisions
+    model = bench.build_model(cfg).eval()
+    tokens, _ = bench._make_inputs(fast(cfg), 260)
+    expected = float(model(tokens).stats["layer1/mod_routed_frac"])
+    assert r["models"]["m32"]["stats"]["layer1/mod_routed_frac"] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="eval_routing"):
+        run_bench(fast(cfg, mode="forward", eval_routing="sideways"), progress=False)
+
+
+def test_models_from_config_files_and_run_directories(tmp_path, monkeypatch) -> None:
+    from condformer.checkpoint import save_checkpoint
+    from condformer.config import save_config_file
+
+    cfg_file = tmp_path / "m.json"
+    save_config_file(cfg_file, small_mod(0.5))
+    run = tmp_path / "run"
+    torch.manual_seed(123)  # weights unlike the bench seed's
+    trained = bench.build_model(small_mod(0.5))
+    save_checkpoint(run, 7, trained, None, {}, small_mod(0.5), None)
+    built: list[bench._Bench] = []
+    real_build = bench._build
+    monkeypatch.setattr(bench, "_build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    r = run_bench(fast(str(run), vs=str(cfg_file), mode="forward", repeats=1), progress=False)
+    assert list(r["models"]) == ["run", "m32"]
+    assert r["models"]["run"]["checkpoint"].endswith("step-00000007")
+    assert r["models"]["m32"]["checkpoint"] is None
+    for p, q in zip(built[0].model.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(p, q)  # the run's trained weights, not a fresh init
+    assert not all(torch.equal(p, q) for p, q in zip(built[1].model.parameters(), trained.parameters(),
+                                                          strict=True))
+
+
+def test_data_gives_real_text_windows(code_corpus) -> None:
+    from condformer.data import prepare_data
+
+    cfg = fast(small(), mode="forward", data=str(code_corpus))
+    tokens, targets = bench._make_inputs(cfg, 260)
+    x, y = prepare_data(str(code_corpus), "byte").get_batch("val", 0, BATCH, SEQ, 0)
+    assert torch.equal(tokens, x) and torch.equal(targets, y)
+    text = bytes(tokens[0].tolist()).decode("utf-8", errors="replace")
+    assert "def func_" in text or "return x" in text
+    with pytest.raises(ConfigError, match="vocab_size"):
+        bench._make_inputs(cfg, 100)

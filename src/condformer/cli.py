@@ -221,6 +221,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     ck, model, tok = _load_for_inference(args.checkpoint)
     if tok is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot encode text")
+    if args.eval_routing:
+        from condformer.routing.mod import set_eval_routing
+
+        set_eval_routing(model, args.eval_routing)
     result = inspect_routing(model, tok, text)
     run_dir = ck.path.parent.parent if ck.path.parent.name == "checkpoints" else ck.path
     png = plot_routing(result, args.out or run_dir / "inspect.png")
@@ -336,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", help="text to route (default: a short Python snippet)")
     g.add_argument("--text-file", metavar="FILE", help="read the text from this UTF-8 file")
     s.add_argument("--out", metavar="PNG", help="PNG path (default: inspect.png in the run directory)")
+    s.add_argument("--eval-routing", choices=["causal", "topk"],
+                   help="routed layers: causal decisions (default, as in sampling) or training-time top-k")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_inspect)
     return p

@@ -162,6 +162,18 @@ def test_inspect_mod_run_json_and_png(mod_run: Path, env: dict) -> None:
     assert min(matplotlib.image.imread(png).shape[:2]) > 0
 
 
+def test_inspect_topk_routes_exactly_the_capacity(mod_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # top-k at capacity 0.25 routes floor(0.25 * n) tokens whatever the (barely trained) predictor says
+    from condformer.cli import main
+
+    text = "def f(x):\n    return x + 1\n"  # 27 bytes -> k = floor(0.25 * 27) = 6
+    assert main(["inspect", str(mod_run), "--text", text, "--eval-routing", "topk", "--out",
+                 str(tmp_path / "k.png"), "--json"]) == 0
+    [layer] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"]
+    assert sum(layer["routed"]) == 6 and len(layer["routed"]) == 27
+
+
 def test_inspect_text_file_out_and_dense_run(mod_run: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     from condformer.checkpoint import save_checkpoint

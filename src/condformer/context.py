@@ -62,6 +62,8 @@ class Context:
     contiguous: True when positions strictly increase along every row and nothing is padded, so causal
         order by position is the lower triangle by index and attention may use the fused ``is_causal``
         path instead of an explicit mask (true for 0..T-1 and for a position-sorted subset of it).
+    tokens_BT: each position's input token id, for components that route on ids (hash-routed experts);
+        None when the caller feeds hidden states without ids.
     """
 
     positions_BT: torch.Tensor
@@ -71,6 +73,7 @@ class Context:
     cache: KVCache | None = None
     contiguous: bool = True
     layer: int = 0
+    tokens_BT: torch.Tensor | None = None
 
     def for_layer(self, layer: int) -> Context:
         return dataclasses.replace(self, layer=layer)
@@ -90,5 +93,6 @@ class Context:
         valid = None if self.valid_BT is None else self.valid_BT.gather(1, idx_BK)
         if keep_BK is not None:
             valid = keep_BK if valid is None else valid & keep_BK
+        tokens = None if self.tokens_BT is None else self.tokens_BT.gather(1, idx_BK)
         return dataclasses.replace(self, positions_BT=self.positions_BT.gather(1, idx_BK), valid_BT=valid,
-                                   contiguous=self.contiguous and ascending and valid is None)
+                                   contiguous=self.contiguous and ascending and valid is None, tokens_BT=tokens)

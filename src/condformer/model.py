@@ -116,7 +116,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
         return Context(positions_BT=positions_BT, causal=self.cfg.causal, tally=Tally(), valid_BT=valid_BT,
-                       cache=cache, contiguous=contiguous)
+                       cache=cache, contiguous=contiguous, tokens_BT=tokens_BT)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -44,3 +44,15 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     progress = min(1.0, (step - peak) / max(1, total_steps - 1 - peak))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def before_optimizer_step(model: torch.nn.Module, skip: bool = False) -> None:
+    """Run every submodule's ``before_optimizer_step(skip=...)`` hook, once per optimiser step.
+
+    Components that update state outside the gradient (the aux-loss-free expert bias of an MoE layer) do it
+    here, so the trainer stays technique-agnostic. ``skip``: the step was dropped (non-finite gradients).
+    """
+    for m in model.modules():
+        hook = getattr(m, "before_optimizer_step", None)
+        if hook is not None and m is not model:
+            hook(skip=skip)

@@ -46,3 +46,4 @@ def _ensure_builtin_registered() -> None:
     import condformer.layers.mlp  # noqa: F401
     import condformer.routing.dense  # noqa: F401
     import condformer.routing.mod  # noqa: F401
+    import condformer.routing.moe  # noqa: F401

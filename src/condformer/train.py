@@ -39,7 +39,7 @@ from condformer.data import TokenData, prepare_data
 from condformer.errors import CheckpointError, ConfigError, TrainingError
 from condformer.flops import count_flops
 from condformer.model import IGNORE_INDEX, Transformer, build_model
-from condformer.optim import lr_at, make_optimizer
+from condformer.optim import before_optimizer_step, lr_at, make_optimizer
 
 
 @dataclass
@@ -320,9 +320,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
                         f"or set on_nonfinite='skip' to drop such steps"
                     )
                 optimizer.zero_grad(set_to_none=True)
+                before_optimizer_step(raw_model, skip=True)
                 skipped += 1
                 completed = step + 1
                 continue
+            before_optimizer_step(raw_model)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             completed = step + 1

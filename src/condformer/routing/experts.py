@@ -1,0 +1,85 @@
+"""A bank of E feed-forward experts stored stacked, so every dispatch path runs them as a few big matmuls.
+
+Weights: ``w_up`` (E, D, F) or (E, D, 2F) for SwiGLU, and ``w_down`` (E, F, D). Storing them stacked
+instead of as E separate ``nn.Linear`` modules is what lets the same parameters be run four ways:
+
+* :meth:`grouped`  - rows sorted by expert with group ends ``offs``: one grouped matmul per projection
+  (``torch.nn.functional.grouped_mm``), no host sync, no padding (dropless dispatch);
+* :meth:`batched`  - a (E, C, D) buffer of C slots per expert: one batched matmul (capacity dispatch,
+  expert choice);
+* :meth:`one`      - expert ``e`` alone on some rows (per-expert loops, the naive reference);
+* :meth:`everyone` - every expert on every row (the soft-mixture baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StackedExperts(nn.Module):
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, swiglu: bool, init_std: float,
+                 n_layers: int) -> None:
+        super().__init__()
+        self.n_experts, self.d_model, self.d_expert, self.swiglu = n_experts, d_model, d_expert, swiglu
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, (2 if swiglu else 1) * d_expert))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+        nn.init.normal_(self.w_up, std=init_std)
+        # as the dense MLP: residual-branch outputs scaled by 1/sqrt(2 * n_layers) (GPT-2)
+        nn.init.normal_(self.w_down, std=init_std / math.sqrt(2 * n_layers))
+
+    def flops_per_token(self) -> int:
+        return 2 * self.d_model * self.d_expert * (3 if self.swiglu else 2)
+
+    # -- activation ---------------------------------------------------------------------------
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights in the compute dtype (autocast's when it is on, else the input's)."""
+        dtype = like.dtype
+        if torch.is_autocast_enabled(like.device.type):
+            dtype = torch.get_autocast_dtype(like.device.type)
+        return self.w_up.to(dtype), self.w_down.to(dtype)
+
+    # -- the four ways to run the bank --------------------------------------------------------
+    def grouped(self, x_PD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert; expert e owns rows [offs[e-1], offs[e]). Rows past offs[-1] are garbage.
+
+        Callers must mask rows past ``offs[-1]`` (with ``torch.where``, not a multiply: they may hold NaN).
+        """
+        up, down = self._weights(x_PD)
+        x_PD = x_PD.to(up.dtype)
+        h = F.grouped_mm(x_PD, up, offs=offs_E)
+        return F.grouped_mm(self._act(h), down, offs=offs_E)
+
+    def batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """C slots per expert: ``x_ECD[e]`` goes through expert e."""
+        up, down = self._weights(x_ECD)
+        return torch.bmm(self._act(torch.bmm(x_ECD.to(up.dtype), up)), down)
+
+    def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        up, down = self._weights(x_ND)
+        return self._act(x_ND.to(up.dtype) @ up[e]) @ down[e]
+
+    def everyone(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """(E, N, D): every expert on every row."""
+        up, down = self._weights(x_ND)
+        h = torch.einsum("nd,edf->enf", x_ND.to(up.dtype), up)
+        return torch.bmm(self._act(h), down)
+
+    def grouped_supported(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`grouped` runs here: grouped_mm needs 16-byte-aligned rows, and on CUDA bf16 on SM80+."""
+        up, _ = self._weights(x)
+        size = up.element_size()
+        if (self.d_model * size) % 16 or (self.d_expert * size) % 16:
+            return False
+        if x.device.type == "cuda":
+            return up.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+        return x.device.type == "cpu"

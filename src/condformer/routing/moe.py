@@ -1,0 +1,388 @@
+"""Mixture-of-Experts FFN: E experts in place of one MLP, a router choosing which ones each token visits.
+
+Use it in any block with ``LayerSpec(ffn="moe", options={...})``. One module composes four choices:
+
+* the router (``moe_router``): ``topk`` | ``switch`` | ``noisy_topk`` | ``expert_choice`` | ``hash`` |
+  ``lsh`` | ``soft`` (see :mod:`condformer.routing.moe_routers`), at ``granularity`` ``token`` or
+  ``sequence`` (one decision per sample from its mean state);
+* balancing: the Switch loss (``balance_coef``, ``balance_convention``), Shazeer's importance and load
+  CV^2 losses, the router z-loss, or DeepSeek-V3's aux-loss-free bias (``aux_free_rate``);
+* dispatch (:mod:`condformer.routing.moe_dispatch`): ``capacity_factor`` slots per expert in training,
+  ``eval_capacity_factor`` at evaluation (None = dropless: a token's output never depends on other
+  tokens, which keeps evaluation honest and cached generation exact);
+* extras: ``shared_experts`` always on (DeepSeekMoE), fine-grained experts (``expert_dim`` < d_ff), and
+  ``null_experts``: no-op experts in the same router. A token sent to one skips that share of the FFN at
+  zero FLOPs; this is the *integrated* MoDE of Raposo et al. 2024. (The *staged* MoDE is a MoD router
+  around a block whose FFN is this module: ``LayerSpec(router="mod", ffn="moe")``.)
+
+Statistics per layer: each expert's share of assignments (``moe_load_e{i}``), the max share over the
+balanced share (``moe_load_max``, 1 = balanced), dropped fraction, router entropy, no-op share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from condformer.config import LayerSpec, ModelConfig
+from condformer.errors import ConfigError
+from condformer.registry import FFNS
+from condformer.routing import moe_dispatch as dispatch
+from condformer.routing import moe_losses as losses
+from condformer.routing.experts import StackedExperts
+from condformer.routing.moe_routers import HashRouter, LinearRouter, LSHRouter, NoisyTopKRouter, Routing, TopKRouter
+
+ROUTER_KINDS = ("topk", "switch", "noisy_topk", "expert_choice", "hash", "lsh", "soft")
+TOP1_KINDS = ("switch", "hash", "lsh")  # routers that send each token to exactly one expert
+LEARNED_TOKEN_CHOICE = ("topk", "switch", "noisy_topk")
+GRANULARITIES = ("token", "sequence")
+DISPATCHES = ("auto", "grouped", "sorted", "loop")
+DEFAULTS: dict[str, Any] = {
+    "experts": 8,
+    "top_k": 2,
+    "moe_router": "topk",
+    "renormalize": True,  # renormalise the k chosen gates to sum to 1 (Mixtral); ignored for k = 1
+    "capacity_factor": 1.25,  # training; None = dropless
+    "eval_capacity_factor": None,  # evaluation and generation; None = dropless (the honest default)
+    "drop_policy": "position",
+    "dispatch": "auto",  # auto: grouped matmul where supported, else sorted slices
+    "expert_dim": None,  # None: the model's d_ff; smaller values make fine-grained experts
+    "shared_experts": 0,
+    "null_experts": 0,
+    "granularity": "token",
+    "balance_coef": 0.01,
+    "balance_convention": "unit",
+    "z_coef": 0.001,
+    "importance_coef": 0.0,
+    "load_coef": 0.0,
+    "aux_free_rate": 0.0,  # > 0: DeepSeek-V3 bias balancing, bias step size per optimiser step
+    "allow_noncausal": False,  # permit expert_choice / sequence routing in a decoder (no KV-cached generation)
+}
+
+
+def _opt(spec: LayerSpec, name: str) -> Any:
+    return spec.options.get(name, DEFAULTS[name])
+
+
+def top_k_of(spec: LayerSpec) -> int:
+    return 1 if _opt(spec, "moe_router") in TOP1_KINDS else int(_opt(spec, "top_k"))
+
+
+def expert_width(cfg: ModelConfig, spec: LayerSpec) -> int:
+    w = _opt(spec, "expert_dim")
+    return cfg.ffn_dim if w is None else int(w)
+
+
+def is_causal_routing(spec: LayerSpec) -> bool:
+    """Whether a token's routing depends only on itself (needed for decoders and KV-cached generation)."""
+    return _opt(spec, "moe_router") != "expert_choice" and _opt(spec, "granularity") == "token"
+
+
+@FFNS.register("moe")
+class MoEFFN(nn.Module):
+    """``sum_{e in chosen(x)} gate_e(x) * expert_e(x)`` (+ shared experts), computed only for chosen pairs."""
+
+    options: tuple[str, ...] = tuple(DEFAULTS)
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.kind = _opt(spec, "moe_router")
+        self.n_experts = int(_opt(spec, "experts"))
+        self.n_null = int(_opt(spec, "null_experts"))
+        self.n_total = self.n_experts + self.n_null
+        self.k = top_k_of(spec)
+        self.capacity_factor = _opt(spec, "capacity_factor")
+        self.eval_capacity_factor = _opt(spec, "eval_capacity_factor")
+        self.drop_policy = _opt(spec, "drop_policy")
+        self.dispatch = _opt(spec, "dispatch")
+        self.granularity = _opt(spec, "granularity")
+        self.balance_coef = float(_opt(spec, "balance_coef"))
+        self.balance_convention = _opt(spec, "balance_convention")
+        self.z_coef = float(_opt(spec, "z_coef"))
+        self.importance_coef = float(_opt(spec, "importance_coef"))
+        self.load_coef = float(_opt(spec, "load_coef"))
+        self.aux_free_rate = float(_opt(spec, "aux_free_rate"))
+        d, swiglu = cfg.d_model, cfg.mlp == "swiglu"
+        width = expert_width(cfg, spec)
+        self.bank = StackedExperts(self.n_experts, d, width, swiglu, cfg.init_std, cfg.n_layers)
+        n_shared = int(_opt(spec, "shared_experts"))
+        self.shared = StackedExperts(1, d, n_shared * width, swiglu, cfg.init_std, cfg.n_layers) if n_shared else None
+        seed = 0x5EED + 7919 * layer_index
+        self.router: nn.Module
+        if self.kind in ("topk", "switch"):
+            self.router = TopKRouter(d, self.n_total, cfg.init_std, self.k, bool(_opt(spec, "renormalize")))
+        elif self.kind == "noisy_topk":
+            self.router = NoisyTopKRouter(d, self.n_total, cfg.init_std, self.k)
+        elif self.kind == "hash":
+            self.router = HashRouter(cfg.vocab_size, self.n_experts, seed)
+        elif self.kind == "lsh":
+            self.router = LSHRouter(d, self.n_experts, seed)
+        else:  # expert_choice, soft: a plain learned scorer
+            self.router = LinearRouter(d, self.n_experts, cfg.init_std)
+        if self.aux_free_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(self.n_total))
+        self._load_acc: torch.Tensor | None = None  # assignments since the last optimiser step (aux-free)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        if (self.kind == "expert_choice" or self.granularity == "sequence") and ctx.kv is not None:
+            raise ConfigError(f"MoE layer {self.layer_index}: {self._noncausal_what()} is not causal and cannot "
+                              f"decode with a KV cache; use a token-choice router (topk, switch, hash, ...)")
+        if self.kind == "expert_choice":
+            y = self._expert_choice(x_BTD, ctx)
+        elif self.kind == "soft":
+            y = self._soft(x_BTD, ctx)
+        else:
+            y = self._token_choice(x_BTD, ctx)
+        if self.shared is not None:
+            y = y + self.shared.one(0, x_BTD.reshape(B * T, D)).view(B, T, D).to(y.dtype)
+        return y
+
+    def _noncausal_what(self) -> str:
+        return "expert_choice routing" if self.kind == "expert_choice" else "per-sequence routing"
+
+    def _route(self, x_ND: torch.Tensor, tokens_N: torch.Tensor | None) -> Routing:
+        if self.kind == "hash":
+            if tokens_N is None:
+                raise ConfigError(f"MoE layer {self.layer_index}: hash routing needs token ids, but the context has "
+                                  f"none; call the model with token ids (not hidden states)")
+            return self.router(tokens_N)
+        if self.kind == "lsh":
+            return self.router(x_ND)
+        return self.router(x_ND, getattr(self, "expert_bias", None))
+
+    def _token_choice(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        valid_N = None if ctx.valid_BT is None else ctx.valid_BT.reshape(-1)
+        if self.granularity == "sequence":  # one decision per sample from its mean state
+            if ctx.valid_BT is None:
+                pooled_BD = x_BTD.mean(dim=1)
+            else:
+                w_BT1 = ctx.valid_BT[..., None].to(x_BTD.dtype)
+                pooled_BD = (x_BTD * w_BT1).sum(dim=1) / w_BT1.sum(dim=1).clamp(min=1)
+            r = self._route(pooled_BD, None)
+            expert_NK, gate_NK = r.expert_NK.repeat_interleave(T, dim=0), r.gate_NK.repeat_interleave(T, dim=0)
+            loss_rows = None  # every sample decides once: no padding among the pooled rows
+        else:
+            tokens_N = None if ctx.tokens_BT is None else ctx.tokens_BT.reshape(-1)
+            r = self._route(x_ND, tokens_N)
+            expert_NK, gate_NK = r.expert_NK, r.gate_NK
+            loss_rows = valid_N
+        if valid_N is not None:  # padding and MoD fillers visit no expert
+            expert_NK = torch.where(valid_N[:, None], expert_NK, self.n_total)
+        if self.training:
+            self._add_losses(r, loss_rows, ctx)
+            if self.aux_free_rate > 0:
+                self._accumulate_load(expert_NK)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        kept_NK = None
+        how = self.dispatch
+        if how == "auto":
+            how = "grouped" if self.bank.grouped_supported(x_ND) else "sorted"
+        if factor is not None:
+            C = dispatch.capacity_slots(factor, B * T, self.k, self.n_total)
+            y_ND, kept_NK = dispatch.with_capacity(x_ND, expert_NK, gate_NK, self.bank, C, self.drop_policy)
+        elif how == "loop":
+            y_ND = dispatch.expert_loop(x_ND, expert_NK, gate_NK, self.bank)
+        else:
+            y_ND = dispatch.dropless(x_ND, expert_NK, gate_NK, self.bank, grouped=how == "grouped")
+        self._stats(ctx, expert_NK, kept_NK, r.probs_NE, valid_N)
+        if ctx.tally.tracing:
+            ctx.tally.trace(ctx.layer, "moe_expert", expert_NK.view(B, T, -1))
+        return y_ND.view(B, T, D)
+
+    def _expert_choice(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        logits = self.router.logits(x_BTD.reshape(B * T, D))
+        probs = logits.softmax(dim=-1)
+        capacity = max(1, min(T, math.ceil(self.k * T / self.n_experts - 1e-9)))
+        y, picks_BT = dispatch.expert_choice(x_BTD, probs.view(B, T, -1), capacity, self.bank, ctx.valid_BT)
+        if self.training:
+            self._add_losses(Routing(probs.new_zeros(0, 1, dtype=torch.long), probs.new_zeros(0, 1), logits, None),
+                             None if ctx.valid_BT is None else ctx.valid_BT.reshape(-1), ctx)
+        skipped = (picks_BT == 0).float()
+        if ctx.valid_BT is not None:
+            v = ctx.valid_BT.float()
+            ctx.tally.stat(ctx.layer, "moe_dropped_frac", (skipped * v).sum() / v.sum().clamp(min=1))
+        else:
+            ctx.tally.stat(ctx.layer, "moe_dropped_frac", skipped.mean())
+        ctx.tally.stat(ctx.layer, "moe_experts_per_token", picks_BT.float().mean())
+        ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs))
+        ctx.tally.trace(ctx.layer, "moe_picks", picks_BT)
+        return y
+
+    def _soft(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        logits = self.router.logits(x_ND)
+        probs = logits.softmax(dim=-1)
+        if self.training:
+            self._add_losses(Routing(probs.new_zeros(0, 1, dtype=torch.long), probs.new_zeros(0, 1), logits, None),
+                             None if ctx.valid_BT is None else ctx.valid_BT.reshape(-1), ctx)
+        ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs))
+        return dispatch.soft(x_ND, probs, self.bank).view(B, T, D)
+
+    # -- losses, statistics, aux-free balancing ----------------------------------------------------
+    def _add_losses(self, r: Routing, rows_N: torch.Tensor | None, ctx: Any) -> None:
+        """The configured auxiliary losses on the real (non-padding) rows; each also logged per layer."""
+        if r.logits_NE is None:
+            return  # hash / LSH: nothing to learn
+        logits, probs, expert, gate, noisy = r.logits_NE, r.probs_NE, r.expert_NK, r.gate_NK, r.noisy
+        if rows_N is not None:  # padding in a training batch (rare): keep real rows (one host sync)
+            logits = logits[rows_N]
+            if probs is not None:
+                probs, expert, gate = probs[rows_N], expert[rows_N], gate[rows_N]
+            if noisy is not None:
+                noisy = tuple(t[rows_N] for t in noisy)
+        terms: list[tuple[str, float, Any]] = [("z", self.z_coef, lambda: losses.z_loss(logits))]
+        if probs is not None:
+            terms += [
+                ("balance", self.balance_coef,
+                 lambda: losses.switch_balance_loss(probs, expert, self.balance_convention)),
+                ("importance", self.importance_coef,
+                 lambda: losses.importance_loss(torch.zeros_like(probs).scatter(1, expert, gate.to(probs.dtype)))),
+            ]
+        if noisy is not None:
+            terms.append(("load", self.load_coef, lambda: losses.load_loss(*noisy, k=self.k)))
+        for name, coef, fn in terms:
+            if coef > 0:
+                value = fn()
+                ctx.tally.loss(f"moe_{name}", coef * value)
+                ctx.tally.stat(ctx.layer, f"moe_{name}", value)
+
+    def _stats(self, ctx: Any, expert_NK: torch.Tensor, kept_NK: torch.Tensor | None, probs_NE: torch.Tensor | None,
+               valid_N: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            live = expert_NK < self.n_total  # not padding
+            key = torch.where(live, expert_NK, self.n_total).reshape(-1)
+            counts = torch.zeros(self.n_total + 1, device=key.device).scatter_add_(
+                0, key, torch.ones(key.shape, device=key.device))[: self.n_total]
+            share = counts / counts.sum().clamp(min=1)
+            for e in range(self.n_experts):
+                ctx.tally.stat(ctx.layer, f"moe_load_e{e}", share[e])
+            ctx.tally.stat(ctx.layer, "moe_load_max", share.max() * self.n_total)
+            if self.n_null:
+                ctx.tally.stat(ctx.layer, "moe_null_frac", share[self.n_experts:].sum())
+            real = expert_NK < self.n_experts
+            if kept_NK is not None:
+                dropped = (real & ~kept_NK).sum().float() / real.sum().clamp(min=1)
+            else:
+                dropped = torch.zeros((), device=expert_NK.device)
+            ctx.tally.stat(ctx.layer, "moe_dropped_frac", dropped)
+            if probs_NE is not None and probs_NE.shape[0] == expert_NK.shape[0]:
+                p = probs_NE if valid_N is None else probs_NE * valid_N[:, None]
+                ent = -(p * probs_NE.clamp_min(1e-30).log()).sum(-1)
+                n = expert_NK.shape[0] if valid_N is None else valid_N.sum().clamp(min=1)
+                ctx.tally.stat(ctx.layer, "moe_entropy", ent.sum() / n)
+
+    def _accumulate_load(self, expert_NK: torch.Tensor) -> None:
+        key = expert_NK.reshape(-1)
+        counts = torch.zeros(self.n_total + 1, device=key.device).scatter_add_(
+            0, key, torch.ones(key.shape, device=key.device))[: self.n_total]
+        self._load_acc = counts if self._load_acc is None else self._load_acc + counts
+
+    @torch.no_grad()
+    def before_optimizer_step(self, skip: bool = False) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): b_i += rate * sign(mean load - load_i), then centre b.
+
+        Called by the trainer once per optimiser step, outside autograd, with the load summed over the
+        step's micro-batches (and over ranks under torch.distributed). ``skip``: the step was dropped.
+        """
+        load, self._load_acc = self._load_acc, None
+        if skip or load is None or self.aux_free_rate <= 0:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        self.expert_bias += self.aux_free_rate * torch.sign(load.mean() - load)
+        self.expert_bias -= self.expert_bias.mean()
+
+    # -- config and cost ---------------------------------------------------------------------
+    @staticmethod
+    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
+        where = f"layers[{i}]"
+        kind = _opt(spec, "moe_router")
+        for name, choices in (("moe_router", ROUTER_KINDS), ("granularity", GRANULARITIES),
+                              ("dispatch", DISPATCHES), ("drop_policy", dispatch.DROP_POLICIES),
+                              ("balance_convention", losses.BALANCE_CONVENTIONS)):
+            v = _opt(spec, name)
+            if v not in choices:
+                raise ConfigError(f"{where}: unknown {name} {v!r}; choose one of: {', '.join(choices)}")
+        _check_int(spec, "experts", 1, where)
+        _check_int(spec, "top_k", 1, where)
+        _check_int(spec, "shared_experts", 0, where)
+        _check_int(spec, "null_experts", 0, where)
+        if _opt(spec, "expert_dim") is not None:
+            _check_int(spec, "expert_dim", 1, where)
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = _opt(spec, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"{where}: {name} must be a number > 0, or null for dropless; got {v!r}")
+        for name in ("balance_coef", "z_coef", "importance_coef", "load_coef", "aux_free_rate"):
+            v = _opt(spec, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"{where}: {name} must be a number >= 0, got {v!r}")
+        for name in ("renormalize", "allow_noncausal"):
+            if not isinstance(_opt(spec, name), bool):
+                raise ConfigError(f"{where}: {name} must be true or false, got {_opt(spec, name)!r}")
+        n_total = _opt(spec, "experts") + _opt(spec, "null_experts")
+        if kind in TOP1_KINDS and "top_k" in spec.options and spec.options["top_k"] != 1:
+            raise ConfigError(f"{where}: moe_router '{kind}' sends each token to one expert; drop top_k or set it to 1")
+        if kind not in TOP1_KINDS and _opt(spec, "top_k") > n_total:
+            raise ConfigError(f"{where}: top_k ({_opt(spec, 'top_k')}) exceeds the number of experts ({n_total})")
+        if _opt(spec, "null_experts") and kind not in LEARNED_TOKEN_CHOICE:
+            raise ConfigError(f"{where}: null_experts (integrated MoDE) need a learned token-choice router "
+                              f"({', '.join(LEARNED_TOKEN_CHOICE)}), not '{kind}'")
+        if _opt(spec, "aux_free_rate") > 0 and kind not in LEARNED_TOKEN_CHOICE:
+            raise ConfigError(f"{where}: aux_free_rate applies to learned token-choice routers "
+                              f"({', '.join(LEARNED_TOKEN_CHOICE)}), not '{kind}'")
+        if _opt(spec, "load_coef") > 0 and kind != "noisy_topk":
+            raise ConfigError(f"{where}: load_coef needs moe_router 'noisy_topk' (the smooth load estimate uses "
+                              f"its noise); use balance_coef or importance_coef for '{kind}'")
+        if _opt(spec, "granularity") == "sequence" and kind not in (*LEARNED_TOKEN_CHOICE, "lsh"):
+            raise ConfigError(f"{where}: granularity 'sequence' needs a router that scores hidden states "
+                              f"(topk, switch, noisy_topk, lsh), not '{kind}'")
+        if cfg.causal and not is_causal_routing(spec) and not _opt(spec, "allow_noncausal"):
+            what = "expert_choice routing" if kind == "expert_choice" else "granularity 'sequence'"
+            raise ConfigError(f"{where}: {what} is not causal (a token's experts depend on later tokens), so it "
+                              f"leaks the future in a decoder; use it in an encoder, or set allow_noncausal: true "
+                              f"(no KV-cached generation)")
+
+    @staticmethod
+    def flops(cfg: ModelConfig, spec: LayerSpec, n_tokens: int) -> int:
+        """Forward FLOPs for ``n_tokens`` tokens: router plus the expert work actually run.
+
+        Capacity dispatch runs every slot (E x C rows, padding included); dropless runs exactly N*K pairs,
+        of which a share E / (E + null) reaches real experts when the router is balanced (integrated MoDE's
+        no-op experts cost nothing).
+        """
+        kind, d = _opt(spec, "moe_router"), cfg.d_model
+        E, n_null = int(_opt(spec, "experts")), int(_opt(spec, "null_experts"))
+        n_total, k = E + n_null, top_k_of(spec)
+        width = expert_width(cfg, spec)
+        per_token = 2 * d * width * (3 if cfg.mlp == "swiglu" else 2)
+        n_routed = 1 if _opt(spec, "granularity") == "sequence" else n_tokens
+        router = {"hash": 0, "lsh": 2 * n_routed * d * LSHRouter.n_bits(E),
+                  "noisy_topk": 2 * 2 * n_routed * d * n_total}.get(kind, 2 * n_routed * d * n_total)
+        if kind == "soft":
+            experts = n_tokens * E * per_token
+        elif kind == "expert_choice":
+            experts = E * max(1, min(n_tokens, math.ceil(k * n_tokens / E - 1e-9))) * per_token
+        elif _opt(spec, "capacity_factor") is None:
+            experts = round(n_tokens * k * E / n_total) * per_token
+        else:
+            experts = E * dispatch.capacity_slots(_opt(spec, "capacity_factor"), n_tokens, k, n_total) * per_token
+        shared = n_tokens * per_token * int(_opt(spec, "shared_experts"))
+        return router + experts + shared
+
+
+def _check_int(spec: LayerSpec, name: str, low: int, where: str) -> None:
+    v = _opt(spec, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ConfigError(f"{where}: {name} must be an integer >= {low}, got {v!r}")
+

@@ -1,0 +1,151 @@
+"""Moving tokens to experts and back: hard routing with static shapes, plus the references it is measured against.
+
+Shapes: N tokens (flattened batch), K choices per token, D d_model, E real experts, C slots per expert,
+P = N*K token-expert pairs. ``expert_NK`` holds each choice's expert; any id >= E (a no-op expert of an
+integrated MoDE layer, or padding) means "no compute": the pair contributes zero and costs nothing.
+
+* :func:`dropless` - sort pairs by expert, run each expert on its contiguous slice (one grouped matmul,
+  no host sync; or a loop over E slices with one sync where grouped matmul is unavailable), unsort.
+* :func:`with_capacity` - C = ceil(factor * N * K / E_total) slots per expert; a static (E, C, D) buffer
+  run as one batched matmul. Pairs past an expert's capacity are dropped (the token keeps its residual).
+* :func:`expert_choice` - each expert takes its top-C tokens per sequence (Zhou et al. 2022).
+* :func:`soft` - every expert on every token, mixed by the gates: the cost hard routing avoids.
+* :func:`expert_loop` - the common per-expert loop (``where`` + ``index_add``), a speed reference.
+
+Every combine is a gather followed by a sum over the K choices in a fixed order, so outputs are
+deterministic (no atomics in the forward pass).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from condformer.routing.experts import StackedExperts
+
+DROP_POLICIES = ("position", "score")
+
+
+def capacity_slots(factor: float, n_tokens: int, k: int, n_experts_total: int) -> int:
+    """C = ceil(factor * N * K / E_total), at least 1 and at most N (a token never picks one expert twice)."""
+    return max(1, min(n_tokens, math.ceil(factor * n_tokens * k / n_experts_total - 1e-9)))
+
+
+def _counts(e_P: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Pairs per bin, computed on the device (``bincount`` would sync the host on CUDA)."""
+    return torch.zeros(n_bins, dtype=torch.long, device=e_P.device).scatter_add_(0, e_P, torch.ones_like(e_P))
+
+
+def _combine(out_P: torch.Tensor, gate_NK: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """y_n = sum_j gate_nj * out_(n, j), summed in choice order: deterministic."""
+    N, K = gate_NK.shape
+    y = (out_P.view(N, K, -1).float() * gate_NK[..., None].float()).sum(dim=1)
+    return y.to(like.dtype)
+
+
+def dropless(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor, bank: StackedExperts,
+             grouped: bool = True) -> torch.Tensor:
+    """Every pair with a real expert is computed (MegaBlocks-style dropless MoE)."""
+    N, K = expert_NK.shape
+    E = bank.n_experts
+    e_P = expert_NK.reshape(-1)  # pair p = n*K + j
+    real_P = e_P < E
+    key_P = torch.where(real_P, e_P, E)  # no-op pairs sort last, past every expert's slice
+    order_P = torch.argsort(key_P, stable=True)
+    real_sorted = real_P[order_P][:, None]
+    counts = _counts(key_P, E + 1)[:E]
+    x_sorted = torch.where(real_sorted, x_ND[order_P // K], 0)
+    if grouped:
+        out_sorted = bank.grouped(x_sorted, torch.cumsum(counts, 0).to(torch.int32))
+    else:  # one host sync for the slice sizes, then E contiguous matmuls
+        sizes = counts.tolist()
+        chunks = [bank.one(e, part) for e, part in enumerate(x_sorted[:sum(sizes)].split(sizes))]
+        rest = x_sorted.new_zeros(N * K - sum(sizes), x_ND.shape[1])
+        out_sorted = torch.cat([*(c.to(x_ND.dtype) for c in chunks), rest])
+    # rows past the last group are uninitialised (maybe NaN): select, never multiply
+    out_sorted = torch.where(real_sorted, out_sorted, 0)
+    inverse_P = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(N * K, device=x_ND.device))
+    return _combine(out_sorted[inverse_P], gate_NK, x_ND)
+
+
+def with_capacity(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor, bank: StackedExperts,
+                  capacity: int, policy: str = "position") -> tuple[torch.Tensor, torch.Tensor]:
+    """Static (E, C, D) dispatch; returns (y_ND, kept_NK), kept False for dropped and no-op pairs.
+
+    Which pairs an over-full expert keeps:
+    * ``"position"`` (GShard, Switch): all first choices before any second choice, then earlier tokens first;
+    * ``"score"`` (batch-prioritised routing, Riquelme et al. 2021): higher gates first.
+    """
+    N, K = expert_NK.shape
+    E, C, D = bank.n_experts, capacity, x_ND.shape[1]
+    e_P = expert_NK.t().reshape(-1)  # choice-major pairs: p = j*N + n
+    token_P = torch.arange(N, device=x_ND.device).repeat(K)
+    key_P = torch.where(e_P < E, e_P, E)
+    if policy == "score":
+        pre = torch.argsort(-gate_NK.t().reshape(-1).float(), stable=True)
+        order_P = pre[torch.argsort(key_P[pre], stable=True)]
+    elif policy == "position":
+        order_P = torch.argsort(key_P, stable=True)
+    else:
+        raise ValueError(f"unknown drop policy {policy!r}; choose one of {DROP_POLICIES}")
+    key_sorted = key_P[order_P]
+    counts = _counts(key_P, E + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(N * K, device=x_ND.device) - starts[key_sorted]
+    keep_sorted = (key_sorted < E) & (rank < C)
+    dummy = E * C  # dropped pairs all point at one extra zero slot
+    slot_sorted = torch.where(keep_sorted, key_sorted * C + rank, dummy)
+    slot_token = torch.full((E * C + 1,), N, dtype=torch.long, device=x_ND.device)
+    slot_token = slot_token.scatter(0, slot_sorted, token_P[order_P])[:dummy]  # the dummy slot is discarded
+    x_pad = torch.cat([x_ND, x_ND.new_zeros(1, D)])
+    out = bank.batched(x_pad[slot_token].view(E, C, D)).reshape(E * C, D)
+    out_pad = torch.cat([out, out.new_zeros(1, D)])
+    slot_P = torch.empty_like(slot_sorted).scatter_(0, order_P, slot_sorted)
+    slot_NK = slot_P.view(K, N).t()
+    return _combine(out_pad[slot_NK.reshape(-1)], gate_NK, x_ND), slot_NK < dummy
+
+
+def expert_choice(x_BTD: torch.Tensor, probs_BTE: torch.Tensor, capacity: int, bank: StackedExperts,
+                  valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert takes the ``capacity`` tokens of each sequence it scores highest.
+
+    Returns (y_BTD, picks_BT): how many experts processed each token (0 = the token skipped the FFN).
+    Not causal: whether token t is taken depends on the scores of later tokens in its sequence.
+    """
+    B, T, D = x_BTD.shape
+    E = bank.n_experts
+    score_BTE = probs_BTE.float()
+    if valid_BT is not None:
+        score_BTE = score_BTE.masked_fill(~valid_BT[..., None], -1.0)
+    idx_BEC = score_BTE.transpose(1, 2).topk(capacity, dim=-1).indices  # (B, E, C)
+    gate_BEC = probs_BTE.float().transpose(1, 2).gather(-1, idx_BEC)
+    if valid_BT is not None:
+        gate_BEC = gate_BEC * valid_BT[:, None, :].expand(-1, E, -1).gather(-1, idx_BEC)
+    tok_ECB = (idx_BEC + torch.arange(B, device=x_BTD.device)[:, None, None] * T).permute(1, 0, 2)
+    tok_EX = tok_ECB.reshape(E, B * capacity)
+    x_ND = x_BTD.reshape(B * T, D)
+    out_EXD = bank.batched(x_ND[tok_EX]).float() * gate_BEC.permute(1, 0, 2).reshape(E, -1, 1)
+    y = torch.zeros(B * T, D, device=x_BTD.device, dtype=torch.float32)
+    y = y.index_add(0, tok_EX.reshape(-1), out_EXD.reshape(-1, D))
+    picks = _counts(tok_EX.reshape(-1), B * T).view(B, T)
+    return y.to(x_BTD.dtype).view(B, T, D), picks
+
+
+def soft(x_ND: torch.Tensor, probs_NE: torch.Tensor, bank: StackedExperts) -> torch.Tensor:
+    """Dense mixture: y = sum_e p_e * expert_e(x) for every token and every expert (E times the FLOPs)."""
+    out_END = bank.everyone(x_ND)
+    return torch.einsum("ne,end->nd", probs_NE.float(), out_END.float()).to(x_ND.dtype)
+
+
+def expert_loop(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor,
+                bank: StackedExperts) -> torch.Tensor:
+    """The widespread per-expert loop: find each expert's tokens (a host sync per expert), run, index_add."""
+    y = torch.zeros_like(x_ND, dtype=torch.float32)
+    for e in range(bank.n_experts):
+        n_idx, k_idx = torch.where(expert_NK == e)
+        if n_idx.numel() == 0:
+            continue
+        out = bank.one(e, x_ND[n_idx]).float() * gate_NK[n_idx, k_idx, None].float()
+        y = y.index_add(0, n_idx, out)
+    return y.to(x_ND.dtype)

@@ -81,3 +81,29 @@ def test_mod_presets_route_every_other_block_with_a_causal_predictor(size):
     T = 1024
     ratio = count_flops(mod, T).forward_flops / count_flops(dense, T).forward_flops
     assert 0.5 < ratio < 0.6
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_moe_presets_follow_the_switch_recipe(size):
+    dense = preset(size)
+    for name, k in ((f"{size}-moe", 2), (f"{size}-switch", 1), (f"{size}-mode", 2)):
+        cfg = preset(name)
+        assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.max_seq_len) == (dense.n_layers, dense.d_model,
+                                                                             dense.n_heads, dense.max_seq_len)
+        specs = cfg.layer_specs()
+        assert [s.ffn for s in specs] == ["mlp", "moe"] * (cfg.n_layers // 2)
+        assert [s.router for s in specs] == ["dense"] * cfg.n_layers
+        o = specs[1].options
+        assert o["experts"] == 8 and o["capacity_factor"] == 1.25
+        assert o["balance_coef"] == 0.01 and o["z_coef"] == 0.001
+        assert o.get("top_k", 1 if o.get("moe_router") == "switch" else None) == k
+    assert preset(f"{size}-switch").layer_specs()[1].options["moe_router"] == "switch"
+    assert preset(f"{size}-mode").layer_specs()[1].options["null_experts"] == 8
+    staged = preset(f"{size}-mode-staged").layer_specs()[1]
+    assert (staged.router, staged.ffn, staged.options["capacity"]) == ("mod", "moe", 0.125)
+    # active FLOPs: switch ~ dense + router + capacity slack; top-2 about doubles the routed FFNs;
+    # integrated MoDE halves top-2's expert work (half the choices go to no-ops)
+    T = 512
+    f = {n: count_flops(preset(n), T).forward_flops for n in (size, f"{size}-moe", f"{size}-switch", f"{size}-mode")}
+    assert f[size] < f[f"{size}-switch"] < f[f"{size}-mode"] < f[f"{size}-moe"]
+    assert f[f"{size}-switch"] < 1.15 * f[size]

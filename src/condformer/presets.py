@@ -49,6 +49,29 @@ def _mod(dims: dict) -> ModelConfig:
     return ModelConfig(**dims, layers=every_other(routed))
 
 
+# Switch Transformer's recipe (Fedus et al. 2021): experts on every other FFN, capacity 1.25 in training,
+# Switch balance loss 1e-2 and ST-MoE's z-loss 1e-3; evaluation and generation are dropless.
+_MOE = {"experts": 8, "capacity_factor": 1.25, "balance_coef": 0.01, "z_coef": 0.001}
+
+
+def _moe(dims: dict, **options) -> ModelConfig:
+    """Mixture-of-Experts FFN on every other layer (Switch, GShard); the attention stays dense."""
+    return ModelConfig(**dims, layers=every_other(LayerSpec(ffn="moe", options={**_MOE, **options})))
+
+
+def _mode_staged(dims: dict) -> ModelConfig:
+    """Staged MoDE: a MoD router (c = 0.125, causal predictor) before a block whose FFN is top-2 of 8 experts."""
+    routed = LayerSpec(router="mod", ffn="moe", options={"capacity": 0.125, "causal_router": "predictor",
+                                                         **_MOE, "top_k": 2})
+    return ModelConfig(**dims, layers=every_other(routed))
+
+
 for _size, _dims in SIZES.items():
     register_preset(_size, lambda d=_dims: ModelConfig(**d))
     register_preset(f"{_size}-mod", lambda d=_dims: _mod(d))
+    register_preset(f"{_size}-moe", lambda d=_dims: _moe(d, top_k=2))
+    register_preset(f"{_size}-switch", lambda d=_dims: _moe(d, moe_router="switch"))
+    # integrated MoDE (Raposo et al. 2024): 8 no-op experts beside the 8 real ones in one top-2 router;
+    # balanced routing sends half the choices to no-ops, which skip the FFN at zero FLOPs
+    register_preset(f"{_size}-mode", lambda d=_dims: _moe(d, top_k=2, null_experts=8))
+    register_preset(f"{_size}-mode-staged", lambda d=_dims: _mode_staged(d))

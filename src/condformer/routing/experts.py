@@ -20,6 +20,44 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# grouped_mm wrapped as custom ops: torch.compile then treats it as one opaque kernel with our shape rule
+# (its built-in fake implementation insists on bf16, so fp32 CPU training could not compile), and the
+# backward is two more grouped matmuls: dA = grouped(dY, B^T), dB_g = A_g^T dY_g.
+@torch.library.custom_op("condformer::grouped_mm", mutates_args=())
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("condformer::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(a.t(), grad, offs=offs)
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(offs.shape[0], a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # grouped_mm rejects stride-0 gradients (e.g. from out.sum())
+    grad_a = _grouped_mm(grad, b.transpose(-1, -2).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_weight_grad(a, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 class StackedExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, d_expert: int, swiglu: bool, init_std: float,
                  n_layers: int) -> None:
@@ -56,8 +94,8 @@ class StackedExperts(nn.Module):
         """
         up, down = self._weights(x_PD)
         x_PD = x_PD.to(up.dtype)
-        h = F.grouped_mm(x_PD, up, offs=offs_E)
-        return F.grouped_mm(self._act(h), down, offs=offs_E)
+        h = _grouped_mm(x_PD, up, offs_E)
+        return _grouped_mm(self._act(h), down, offs_E)
 
     def batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """C slots per expert: ``x_ECD[e]`` goes through expert e."""

@@ -324,6 +324,24 @@ def test_routed_model_reports_its_routed_fraction(mode: str) -> None:
     assert r["flop_ratio"] == pytest.approx(expected_flops(small_mod(0.25), mode) / expected_flops(small(), mode))
 
 
+@pytest.mark.parametrize("mode", ["train", "forward", "generate"])
+def test_moe_model_reports_drops_and_load(mode: str) -> None:
+    from condformer.config import LayerSpec, every_other
+
+    # capacity 0.5 in training drops assignments; evaluation and generation are dropless by default
+    moe = ModelConfig(name="e32", d_model=32, n_layers=2, n_heads=2, max_seq_len=128,
+                      layers=every_other(LayerSpec(ffn="moe", options={"capacity_factor": 0.5})))
+    r = run_bench(fast(moe, vs=small(), mode=mode, repeats=1), progress=False)
+    stats = r["models"]["e32"]["stats"]
+    loads = [stats[f"layer1/moe_load_e{e}"] for e in range(8)]
+    assert sum(loads) == pytest.approx(1.0)
+    assert stats["layer1/moe_load_max"] == pytest.approx(8 * max(loads))
+    dropped = stats["layer1/moe_dropped_frac"]
+    assert dropped >= 0.5 if mode == "train" else dropped == 0.0  # at most half the pairs fit
+    assert f"MoE layers drop {dropped:.1%} of expert assignments" in format_bench(r)
+    assert "MoE layers" not in format_bench(run_bench(fast(small(), mode=mode, repeats=1), progress=False))
+
+
 def test_forward_with_causal_routing_uses_the_learned_decision() -> None:
     cfg = small_mod(0.25)
     r = run_bench(fast(cfg, mode="forward", repeats=1, eval_routing="causal"), progress=False)

@@ -700,8 +700,13 @@ def _routing_stats(bench: _Bench, cfg: BenchConfig, tokens: torch.Tensor) -> dic
 
 def mean_routed_fraction(stats: dict[str, float]) -> float | None:
     """Mean over routed layers of their ``*routed_frac`` statistic; None for a model with none."""
-    fracs = [v for k, v in stats.items() if k.endswith("routed_frac")]
-    return sum(fracs) / len(fracs) if fracs else None
+    return mean_stat(stats, "routed_frac")
+
+
+def mean_stat(stats: dict[str, float], suffix: str) -> float | None:
+    """Mean over layers of the statistic ``layer{L}/...{suffix}``; None when no layer reports it."""
+    values = [v for k, v in stats.items() if k.endswith(suffix)]
+    return sum(values) / len(values) if values else None
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -759,5 +764,10 @@ def format_bench(result: dict[str, Any]) -> str:
         frac = mean_routed_fraction(result["models"][name].get("stats") or {})
         if frac is not None:
             lines.append(f"{name}: routed layers process {frac:.1%} of tokens on average")
+        stats = result["models"][name].get("stats") or {}
+        dropped, load = mean_stat(stats, "moe_dropped_frac"), mean_stat(stats, "moe_load_max")
+        if dropped is not None:
+            busiest = "" if load is None else f", busiest expert at {load:.2f}x the balanced load"
+            lines.append(f"{name}: MoE layers drop {dropped:.1%} of expert assignments{busiest}")
     lines.extend(f"warning: {w}" for w in result.get("warnings", []))
     return "\n".join(lines)

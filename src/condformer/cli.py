@@ -232,7 +232,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     lines = [f"note: {note}" for note in result["notes"]]
     lines += [f"layer {e['layer']}  {short_name(e['name'])}  routed {e['routed_frac']:.1%} of {n} tokens"
               for e in result["layers"]]
-    if not result["layers"]:
+    for e in result["assignments"]:
+        shares = " ".join(f"{x:.0%}" for x in e["shares"])
+        none = f", none {e['none_frac']:.0%}" if e["none_frac"] else ""
+        lines.append(f"layer {e['layer']}  {e['name']}  load per id: {shares}{none}")
+    if not result["layers"] and not result["assignments"]:
         lines.append(f"no routed layers: all {result['n_layers']} layers compute all {n} tokens")
     lines.append(f"png: {png}")
     _emit(args, "\n".join(lines), {**result, "checkpoint": str(ck.path), "png": str(png)})

@@ -74,6 +74,9 @@ def inspect_routing(model: nn.Module, tokenizer: Tokenizer, text: str) -> dict[s
       "routed": [0/1 per token], "routed_frac": mean of routed}``;
     * ``n_layers``, ``routers`` (router name per layer), ``model`` (config name), ``n_tokens``;
     * ``routed_frac``: mean over the traced layers (None when no layer is routed);
+    * ``assignments``: one entry per integer (token x choice) trace, e.g. an MoE layer's experts:
+      ``{"layer": L, "name": "moe_expert", "ids": [[id or -1 per choice] per token], "counts": [per id],
+      "shares": counts over all choices, "none_frac": share of choices that visited nothing}``;
     * ``notes``: remarks such as truncation to the model's ``max_seq_len``.
 
     The model's train/eval mode is restored afterwards, so inspecting mid-training changes nothing.
@@ -110,6 +113,26 @@ def inspect_routing(model: nn.Module, tokenizer: Tokenizer, text: str) -> dict[s
                        "routed_frac": sum(routed_T) / len(routed_T)})
     layers.sort(key=lambda e: (e["layer"], e["name"]))
     fracs = [e["routed_frac"] for e in layers]
+    assignments: list[dict[str, Any]] = []
+    for key, value_BTK in out.traces.items():
+        # integer (B, T, K) traces: the ids of the components (experts) each token visited, -1 for none
+        if value_BTK.dtype != torch.long or value_BTK.dim() != 3:
+            continue
+        prefix, _, name = key.partition("/")
+        if not prefix.startswith("layer") or not prefix[len("layer"):].isdigit():
+            continue
+        ids_TK = value_BTK[0].to("cpu")
+        # how many ids exist: per-id load statistics ("moe_load_e7" -> 8) when the layer reports them,
+        # so an id nobody visited still shows as 0%
+        stem = f"{prefix}/{name.rsplit('_', 1)[0]}_load_e"
+        n_ids = max([int(ids_TK.max()) + 1 if (ids_TK >= 0).any() else 0,
+                     *(int(k[len(stem):]) + 1 for k in out.stats if k.startswith(stem) and k[len(stem):].isdigit())])
+        counts = torch.bincount(ids_TK[ids_TK >= 0], minlength=n_ids).tolist()
+        total = ids_TK.numel()
+        assignments.append({"layer": int(prefix[len("layer"):]), "name": name, "ids": ids_TK.tolist(),
+                            "counts": counts, "shares": [c / total for c in counts],
+                            "none_frac": int((ids_TK < 0).sum()) / total})
+    assignments.sort(key=lambda e: (e["layer"], e["name"]))
     return {
         "model": getattr(cfg, "name", type(model).__name__),
         "n_layers": n_layers,
@@ -119,6 +142,7 @@ def inspect_routing(model: nn.Module, tokenizer: Tokenizer, text: str) -> dict[s
         "token_ids": ids,
         "layers": layers,
         "routed_frac": sum(fracs) / len(fracs) if fracs else None,
+        "assignments": assignments,
         "notes": notes,
     }
 

@@ -193,8 +193,12 @@ class MoEFFN(nn.Module):
         else:
             y_ND = dispatch.dropless(x_ND, expert_NK, gate_NK, self.bank, grouped=how == "grouped")
         self._stats(ctx, expert_NK, kept_NK, r.probs_NE, valid_N)
-        if ctx.tally.tracing:
-            ctx.tally.trace(ctx.layer, "moe_expert", expert_NK.view(B, T, -1))
+        if ctx.tally.tracing:  # for `condformer inspect`: which expert each token visited, -1 for none
+            visited_NK = expert_NK if kept_NK is None else torch.where(kept_NK, expert_NK, self.n_total)
+            visited_NK = torch.where(visited_NK < self.n_experts, visited_NK, -1)
+            ctx.tally.trace(ctx.layer, "moe_expert", visited_NK.view(B, T, -1))
+            if self.n_null:  # integrated MoDE: did the token get any FFN compute at all?
+                ctx.tally.trace(ctx.layer, "moe_routed", (visited_NK >= 0).any(dim=-1).view(B, T))
         return y_ND.view(B, T, D)
 
     def _expert_choice(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:

@@ -259,3 +259,29 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(corpus: Path, tmp_path: 
     resumed = train(model_cfg(), train_cfg(corpus, max_steps=10), tmp_path / "b", progress=False, resume=True)
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     assert resumed.val_loss == full.val_loss
+
+
+def test_moe_with_aux_free_bias_trains_and_resumes_exactly(corpus: Path, tmp_path: Path) -> None:
+    # the aux-loss-free bias is state outside the gradient, updated by the trainer's before-step hook:
+    # it must move during training, be saved with the weights, and resume must continue bit-identically
+    from condformer.config import LayerSpec
+
+    moe = LayerSpec(ffn="moe", options={"aux_free_rate": 0.01, "balance_coef": 0.0, "capacity_factor": 1.0})
+    mc = model_cfg(layers=[LayerSpec(), moe])
+    cfg = dict(grad_accum=2, max_steps=6, eval_every=3)
+    train(mc, train_cfg(corpus, **cfg), tmp_path / "a", progress=False)
+    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, stop_after=3)
+    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    from safetensors.torch import load_file
+
+    wa = load_file(str(resolve_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(resolve_checkpoint(tmp_path / "b") / "model.safetensors"))
+    bias = wa["layers.1.block.ffn.expert_bias"]
+    assert torch.equal(bias, wb["layers.1.block.ffn.expert_bias"])
+    # 6 updates of +-0.01 each, centred: nonzero, bounded by 6 x 0.01 per expert plus the centring shift
+    assert bias.abs().max() > 0 and bias.abs().max() <= 2 * 6 * 0.01 + 1e-6
+    assert abs(float(bias.sum())) < 1e-5
+    rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    stats = [r for r in rows if "layer1/moe_load_max" in r]
+    assert stats and all(r["layer1/moe_load_max"] >= 1.0 for r in stats)

@@ -148,7 +148,8 @@ def test_moe_forward_flops_match_flop_counter(opts, mlp):
     from condformer.config import LayerSpec
 
     T = 64
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, mlp=mlp, layers=[LayerSpec(), LayerSpec(ffn="moe", options=opts)])
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, mlp=mlp,
+                      layers=[LayerSpec(), LayerSpec(ffn="moe", options=opts)])
     model = build_model(cfg).train()  # training-mode routing: the training capacity factor
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(
             display=False, custom_mapping={torch.ops.condformer.grouped_mm: _grouped_mm_flops}) as counter:

@@ -36,16 +36,25 @@ from . import moe_reference as R
 D = 32
 V = 260
 F64 = torch.float64
-# BUG (see test_float64_layer_keeps_float64_precision): the MoE layer combines expert outputs in float32
-# even for float64 inputs, so a float64 layer matches the float64 reference to ~1e-7 relative only.
-# Every routing or dispatch mistake changes outputs by >= 1e-3; tighten to 1e-10 once fixed.
-TOL64 = {"rtol": 1e-6, "atol": 1e-6}
+# a float64 layer accumulates in float64 (test_float64_layer_keeps_float64_precision), so float64 runs
+# are compared to the float64 reference at 1e-10
+TOL64 = {"rtol": 0, "atol": 1e-10}
 TOL32 = {"rtol": 2e-5, "atol": 2e-5}
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes run fastest on one thread, which also keeps the module fast when other jobs share the cores
+    (two OpenMP threads on an oversubscribed 2-core machine made it ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # -- builders -----------------------------------------------------------------------------------
@@ -114,7 +123,9 @@ PATHS = {
     "loop": {"dispatch": "loop", "capacity_factor": None},
     "capacity": {"capacity_factor": 64.0, "eval_capacity_factor": 64.0},  # C = N: nothing can drop
 }
-CASES = [(r, p, m) for r in ROUTERS for p in PATHS for m in ("train", "eval") if not (r == "noisy_topk" and m == "train")]
+# GELU in training mode and SwiGLU in eval mode (noisy top-k is deterministic only in eval)
+CASES = [(r, p, mlp, "eval" if r == "noisy_topk" or mlp == "swiglu" else "train")
+         for r in ROUTERS for p in PATHS for mlp in ("gelu", "swiglu")]
 
 
 def _run(ffn: MoEFFN, x: torch.Tensor, tokens: torch.Tensor | None = None, valid: torch.Tensor | None = None,
@@ -127,9 +138,8 @@ def _run(ffn: MoEFFN, x: torch.Tensor, tokens: torch.Tensor | None = None, valid
 
 
 # -- 1. every router x every dispatch path equals the reference ---------------------------------
-@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
-@pytest.mark.parametrize(("router", "path", "mode"), CASES)
-def test_token_choice_layer_matches_reference(router, path, mode, mlp):
+@pytest.mark.parametrize(("router", "path", "mlp", "mode"), CASES)
+def test_token_choice_layer_matches_reference(router, path, mlp, mode):
     ffn = _ffn(mlp=mlp, **{"experts": 4, **ROUTERS[router], **PATHS[path]}).train(mode == "train")
     B, T = 3, 8
     x = torch.randn(B, T, D, dtype=F64)
@@ -197,8 +207,6 @@ def test_grouped_float32_matches_reference(router, mlp):
     assert torch.equal(_run(ffn, x, tokens)[0], y)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: moe_dispatch._combine / expert_loop / soft / expert_choice cast "
-                                       "expert outputs and gates to float32, so a float64 layer loses precision")
 @pytest.mark.parametrize("path", ["sorted", "loop", "capacity", "soft", "expert_choice"])
 def test_float64_layer_keeps_float64_precision(path):
     if path == "soft":
@@ -214,8 +222,6 @@ def test_float64_layer_keeps_float64_precision(path):
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StackedExperts.grouped_supported only checks alignment, so "
-                                       "dispatch 'auto' sends float64 to F.grouped_mm, which CPU rejects")
 def test_auto_dispatch_runs_a_float64_layer():
     ffn = _ffn(experts=4, top_k=2, capacity_factor=None).eval()  # dispatch: auto (the default)
     x = torch.randn(2, 8, D, dtype=F64)
@@ -291,7 +297,7 @@ def test_dropless_training_drops_nothing(path):
     y, ctx = _run(ffn, x)
     assert _stat(ctx, "moe_dropped_frac") == 0.0
     ref = R.moe(R.weights_of(ffn), x.double())
-    assert max(e[0] for e in ref.experts()) >= 0 and [e[0] for e in ref.experts()].count(0) > 12  # overloaded
+    assert [e[0] for e in ref.experts()].count(0) > 12  # expert 0 is overloaded: capacity 1.25 would drop
     torch.testing.assert_close(y.double(), ref.y, **(TOL32 if dtype == torch.float32 else TOL64))
 
 
@@ -336,6 +342,25 @@ def test_padding_gets_zero_output(router, path):
     hits = [e for row in ref.experts() if row is not None for e in row]
     for e in range(ffn.n_experts):  # load shares count real tokens only
         assert _stat(ctx, f"moe_load_e{e}") == pytest.approx(hits.count(e) / len(hits))
+
+
+@pytest.mark.parametrize("options", [{"moe_router": "soft"}, {"top_k": 2, "shared_experts": 1}])
+def test_padding_gets_zero_output_from_soft_and_shared_experts(options):
+    ffn = _ffn(experts=4, dispatch="sorted", capacity_factor=None, **options).eval()
+    valid = _left_valid([8, 3], 8)
+    y, _ = _run(ffn, torch.randn(2, 8, D, dtype=F64), valid=valid)
+    assert torch.equal(y[~valid], torch.zeros_like(y[~valid]))
+
+
+@pytest.mark.parametrize("router", ["soft", "expert_choice"])
+def test_entropy_stat_excludes_padding(router):
+    ffn = _ffn(moe_router=router, experts=4, kind="encoder").eval()
+    valid = _left_valid([8, 3], 8)
+    x = torch.randn(2, 8, D, dtype=F64)
+    _, ctx = _run(ffn, x, valid=valid, causal=False)
+    W = R.weights_of(ffn)
+    p = torch.stack([R.router_probs(W, row) for row in x[valid]])
+    assert _stat(ctx, "moe_entropy") == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["position", "score"])
@@ -607,8 +632,8 @@ def test_model_aux_losses_sum_coef_times_layer_losses(convention, padded):
     coefs = {"moe_balance": 0.03, "moe_z": 0.002, "moe_importance": 0.05}
     assert set(out.aux_losses) == set(totals)
     for name, total in totals.items():
-        assert float(out.aux_losses[name]) == pytest.approx(coefs[name] * total, rel=1e-5), name
-    assert float(out.aux_loss) == pytest.approx(sum(coefs[n] * totals[n] for n in totals), rel=1e-5)
+        assert float(out.aux_losses[name].detach()) == pytest.approx(coefs[name] * total, rel=1e-5), name
+    assert float(out.aux_loss.detach()) == pytest.approx(sum(coefs[n] * totals[n] for n in totals), rel=1e-5)
 
 
 def test_zero_coefficients_add_no_losses_and_eval_adds_none():
@@ -661,7 +686,7 @@ def test_lm_loss_gradient_reaches_router_and_matches_finite_difference(router):
         assert g is not None and g.abs().max() > 1e-6
         d = torch.randn_like(g)
         d = d / d.norm()
-        eps = 1e-4  # the layer's float32 combine (see TOL64) puts ~1e-9 noise on the loss
+        eps = 1e-5
         w0 = weight.detach().clone()
         with torch.no_grad():
             weight.copy_(w0 + eps * d)
@@ -669,7 +694,7 @@ def test_lm_loss_gradient_reaches_router_and_matches_finite_difference(router):
             weight.copy_(w0 - eps * d)
             down = float(lm_loss())
             weight.copy_(w0)
-        assert (up - down) / (2 * eps) == pytest.approx(float((g * d).sum()), rel=2e-3, abs=1e-7)
+        assert (up - down) / (2 * eps) == pytest.approx(float((g * d).sum()), rel=1e-6, abs=1e-9)
 
 
 # -- 7. hash and LSH ----------------------------------------------------------------------------
@@ -705,7 +730,7 @@ def test_lsh_routing_is_deterministic_and_balanced(E):
 
 
 def test_lsh_bit_count():
-    assert [LSHRouter.n_bits(E) for E in (1, 2, 4, 8, 16)] == [1, 1, 2, 3, 4]
+    assert [LSHRouter.n_bits(E) for E in (2, 4, 8, 16)] == [1, 2, 3, 4]
     assert [LSHRouter.n_bits(E) for E in (3, 5, 6, 7)] == [5, 6, 6, 6]
 
 
@@ -714,44 +739,40 @@ def _loads(experts: list[list[int]], n: int) -> torch.Tensor:
     return torch.bincount(torch.tensor([e for row in experts for e in row]), minlength=n).double()
 
 
-@pytest.mark.parametrize("router", ["topk", "noisy_topk_eval_gates"])
-def test_aux_free_bias_update_rule_and_balancing(router):
+@pytest.mark.parametrize("router", ["topk", "noisy_topk"])
+def test_aux_free_bias_steers_selection_not_gates(router):
+    ffn = _ffn(moe_router=router, experts=4, top_k=2, aux_free_rate=0.01, dispatch="sorted",
+               capacity_factor=None).eval()
+    with torch.no_grad():
+        ffn.expert_bias.copy_(torch.tensor([0.4, -0.3, 0.1, -0.2]) * (1.0 if router == "topk" else 5.0))
+    x = torch.randn(3, 8, D, dtype=F64)
+    y, _ = _run(ffn, x)
+    W = R.weights_of(ffn)
+    ref = R.moe(W, x)  # selection on p + b (noisy: logits + b); gates from p alone, renormalised
+    torch.testing.assert_close(y, ref.y, **TOL64)
+    W.bias = None
+    assert R.moe(W, x).experts() != ref.experts()  # the bias changed some selections
+
+
+def test_aux_free_bias_update_rule_and_balancing():
     rate = 0.05
-    opts = {"moe_router": "noisy_topk"} if router.startswith("noisy") else {}
-    ffn = _ffn(**{"experts": 4, "top_k": 2, **opts, "aux_free_rate": rate, "dispatch": "sorted",
-                  "capacity_factor": None, "balance_coef": 0.0, "z_coef": 0.0})
+    ffn = _ffn(experts=4, top_k=1, aux_free_rate=rate, dispatch="sorted", capacity_factor=None,
+               balance_coef=0.0, z_coef=0.0)
     holder = nn.ModuleList([ffn])
-    x = _skew(ffn, 4, 12)
-    if router.startswith("noisy"):  # noise-free selection so the reference can replay it
-        ffn.router.noise_weight.requires_grad_(False)
-        with torch.no_grad():
-            ffn.router.noise_weight.fill_(-1e3)  # softplus -> 0: std = 1e-2; the gaps are far larger
+    x = _skew(ffn, 8, 32)
     max_share = []
-    for _ in range(8):
-        W = R.weights_of(ffn.eval())
-        ref = R.moe(W, x)
-        load = _loads(ref.experts(), 4)
+    for _ in range(10):
+        W = R.weights_of(ffn)
+        load = _loads([[e for e, _ in R.route(W, row)] for row in x.reshape(-1, D)], 4)
         max_share.append(float(load.max() / load.sum()))
         bias = ffn.expert_bias.clone()
-        y, _ = _run(ffn.eval(), x)
-        if router == "topk":  # selection on p + b, gates from p
-            torch.testing.assert_close(y, ref.y, **TOL64)
-        ffn.train()
-        if router == "topk":
-            _run(ffn, x)
-        else:
-            with torch.no_grad():
-                ffn._accumulate_load(torch.tensor(ref.experts()))  # same counts, minus the training noise
+        _run(ffn.train(), x)
         before_optimizer_step(holder)
         expected = bias + rate * torch.sign(load.mean() - load)
-        torch.testing.assert_close(ffn.expert_bias, expected - expected.mean(), rtol=0, atol=1e-12)
-        assert abs(float(ffn.expert_bias.sum())) < 1e-12
-    assert max_share[0] > 0.4
-    assert max_share[-1] < max_share[0] - 0.1
-    unbiased = R.moe(R.weights_of(ffn), x)
-    unbiased_W = R.weights_of(ffn)
-    unbiased_W.bias = None
-    assert R.moe(unbiased_W, x).experts() != unbiased.experts()  # the bias now changes selections
+        torch.testing.assert_close(ffn.expert_bias, expected - expected.mean(), rtol=0, atol=1e-7)
+        assert abs(float(ffn.expert_bias.sum())) < 1e-7
+    assert max_share[0] > 0.6
+    assert max(max_share[5:]) < max_share[0] and min(max_share[5:]) < max_share[0] - 0.15
 
 
 def test_aux_free_accumulates_micro_batches_skip_and_eval():
@@ -765,7 +786,7 @@ def test_aux_free_accumulates_micro_batches_skip_and_eval():
     _run(ffn.train(), x2)
     before_optimizer_step(holder)
     expected = rate * torch.sign(load.mean() - load)
-    torch.testing.assert_close(ffn.expert_bias, expected - expected.mean(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ffn.expert_bias, expected - expected.mean(), rtol=0, atol=1e-7)
     b = ffn.expert_bias.clone()
     _run(ffn.train(), x1)
     before_optimizer_step(holder, skip=True)
@@ -780,7 +801,7 @@ def test_aux_free_accumulates_micro_batches_skip_and_eval():
     load = _loads([row for row in R.moe(W, x1, valid_BT=_left_valid([8, 1], 8)).experts() if row], 4)
     before_optimizer_step(holder)
     expected = b + rate * torch.sign(load.mean() - load)
-    torch.testing.assert_close(ffn.expert_bias, expected - expected.mean(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ffn.expert_bias, expected - expected.mean(), rtol=0, atol=1e-7)
 
 
 # -- 9. sequence granularity ----------------------------------------------------------------------
@@ -810,7 +831,7 @@ def test_sequence_granularity_routes_each_sequence_by_its_mean_state(router, whe
             want = [e if e < ffn.n_experts else -1 for e in means[b]] if valid[b, t] else [-1] * ffn.k
             assert trace[b, t].tolist() == want
     torch.testing.assert_close(y, R.moe(W, x, valid_BT=valid, granularity="sequence").y, **TOL64)
-    y_all, ctx_all = _run(ffn, x, causal=not encoder)  # without a mask every token joins the mean
+    _, ctx_all = _run(ffn, x, causal=not encoder)  # without a mask every token joins the mean
     assert ctx_all.tally.traces["layer0/moe_expert"][1, 0].tolist() == \
         [e if e < ffn.n_experts else -1 for e in R.route_mean_rows(W, x)[1]]
 
@@ -928,7 +949,7 @@ def test_greedy_generate_matches_naive_loop(router):
     got = generate(model, prompts, SamplingConfig(max_new_tokens=8, greedy=True))
     for p, row in zip(prompts, got, strict=True):
         assert row == _naive_greedy(model, p, 8)
-    assert len({t for row in got for t in row}) > 3
+    assert len({tuple(row) for row in got}) == len(prompts)  # not degenerate
 
 
 @pytest.mark.parametrize("moe_router", ["topk", "hash"])
@@ -966,6 +987,7 @@ def test_staged_mode_cached_decoding_matches_full_forward(moe_router, B):
     ({"z_coef": -1e-3}, "z_coef"),
     ({"importance_coef": -1}, "importance_coef"),
     ({"moe_router": "noisy_topk", "load_coef": -0.5}, "load_coef"),
+    ({"moe_router": "noisy_topk", "top_k": 1}, "top_k"),
     ({"aux_free_rate": -0.01}, "aux_free_rate"),
     ({"balance_coef": "0.01"}, "balance_coef"),
     ({"z_coef": True}, "z_coef"),
@@ -1012,14 +1034,17 @@ def test_good_options_build(options):
 
 # -- 13. torch.compile ------------------------------------------------------------------------------
 @pytest.mark.compile
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("path", ["grouped", "capacity"])
-def test_training_path_compiles_fullgraph_and_matches_eager(path):
+def test_training_path_compiles_fullgraph_and_matches_eager(path, backend):
+    """Dynamo + AOTAutograd trace the whole training step (no graph break); inductor also works but takes
+    ~45 s for both paths on 2 CPU cores, so it runs only with ``-m slow``."""
     torch._dynamo.reset()
     opts = {"dispatch": "grouped", "capacity_factor": None} if path == "grouped" else {"capacity_factor": 1.0}
     model = build_model(_cfg({"experts": 4, "top_k": 2, **opts}, init_std=0.02, n_layers=1))
     eager = copy.deepcopy(model)
     tokens, targets = torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))
-    out = torch.compile(model, fullgraph=True, backend="aot_eager")(tokens, targets)
+    out = torch.compile(model, fullgraph=True, backend=backend)(tokens, targets)
     (out.loss + out.aux_loss).backward()
     ref = eager(tokens, targets)
     (ref.loss + ref.aux_loss).backward()

@@ -115,6 +115,8 @@ class StackedExperts(nn.Module):
     def grouped_supported(self, x: torch.Tensor) -> bool:
         """Whether :meth:`grouped` runs here: grouped_mm needs 16-byte-aligned rows, and on CUDA bf16 on SM80+."""
         up, _ = self._weights(x)
+        if up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False  # e.g. float64: the kernel has no such variant
         size = up.element_size()
         if (self.d_model * size) % 16 or (self.d_expert * size) % 16:
             return False

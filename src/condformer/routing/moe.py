@@ -141,6 +141,8 @@ class MoEFFN(nn.Module):
             y = self._token_choice(x_BTD, ctx)
         if self.shared is not None:
             y = y + self.shared.one(0, x_BTD.reshape(B * T, D)).view(B, T, D).to(y.dtype)
+        if ctx.valid_BT is not None:  # padding (and MoD fillers) get nothing, whatever the router did
+            y = torch.where(ctx.valid_BT[..., None], y, 0)
         return y
 
     def _noncausal_what(self) -> str:
@@ -217,7 +219,7 @@ class MoEFFN(nn.Module):
         else:
             ctx.tally.stat(ctx.layer, "moe_dropped_frac", skipped.mean())
         ctx.tally.stat(ctx.layer, "moe_experts_per_token", picks_BT.float().mean())
-        ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs))
+        self._entropy_stat(ctx, probs)
         ctx.tally.trace(ctx.layer, "moe_picks", picks_BT)
         return y
 
@@ -229,8 +231,18 @@ class MoEFFN(nn.Module):
         if self.training:
             self._add_losses(Routing(probs.new_zeros(0, 1, dtype=torch.long), probs.new_zeros(0, 1), logits, None),
                              None if ctx.valid_BT is None else ctx.valid_BT.reshape(-1), ctx)
-        ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs))
+        self._entropy_stat(ctx, probs)
         return dispatch.soft(x_ND, probs, self.bank).view(B, T, D)
+
+    def _entropy_stat(self, ctx: Any, probs_NE: torch.Tensor) -> None:
+        """Mean router entropy over real tokens (padding excluded)."""
+        with torch.no_grad():
+            if ctx.valid_BT is None:
+                ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs_NE))
+                return
+            v = ctx.valid_BT.reshape(-1).to(probs_NE.dtype)
+            ent = -(probs_NE * probs_NE.clamp_min(1e-30).log()).sum(-1)
+            ctx.tally.stat(ctx.layer, "moe_entropy", (ent * v).sum() / v.sum().clamp(min=1))
 
     # -- losses, statistics, aux-free balancing ----------------------------------------------------
     def _add_losses(self, r: Routing, rows_N: torch.Tensor | None, ctx: Any) -> None:
@@ -339,6 +351,9 @@ class MoEFFN(nn.Module):
             raise ConfigError(f"{where}: moe_router '{kind}' sends each token to one expert; drop top_k or set it to 1")
         if kind not in TOP1_KINDS and _opt(spec, "top_k") > n_total:
             raise ConfigError(f"{where}: top_k ({_opt(spec, 'top_k')}) exceeds the number of experts ({n_total})")
+        if kind == "noisy_topk" and _opt(spec, "top_k") == 1:
+            raise ConfigError(f"{where}: noisy_topk with top_k 1 makes every gate 1 (a softmax over one logit), so "
+                              f"the router never learns from the language-model loss; use top_k >= 2, or 'switch'")
         if _opt(spec, "null_experts") and kind not in LEARNED_TOKEN_CHOICE:
             raise ConfigError(f"{where}: null_experts (integrated MoDE) need a learned token-choice router "
                               f"({', '.join(LEARNED_TOKEN_CHOICE)}), not '{kind}'")

@@ -37,10 +37,16 @@ def _counts(e_P: torch.Tensor, n_bins: int) -> torch.Tensor:
     return torch.zeros(n_bins, dtype=torch.long, device=e_P.device).scatter_add_(0, e_P, torch.ones_like(e_P))
 
 
+def _acc(like: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or the input's if wider (a float64 layer stays float64)."""
+    return torch.promote_types(like.dtype, torch.float32)
+
+
 def _combine(out_P: torch.Tensor, gate_NK: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """y_n = sum_j gate_nj * out_(n, j), summed in choice order: deterministic."""
     N, K = gate_NK.shape
-    y = (out_P.view(N, K, -1).float() * gate_NK[..., None].float()).sum(dim=1)
+    acc = _acc(like)
+    y = (out_P.view(N, K, -1).to(acc) * gate_NK[..., None].to(acc)).sum(dim=1)
     return y.to(like.dtype)
 
 
@@ -115,18 +121,19 @@ def expert_choice(x_BTD: torch.Tensor, probs_BTE: torch.Tensor, capacity: int, b
     """
     B, T, D = x_BTD.shape
     E = bank.n_experts
-    score_BTE = probs_BTE.float()
+    acc = _acc(x_BTD)
+    score_BTE = probs_BTE.to(acc)
     if valid_BT is not None:
         score_BTE = score_BTE.masked_fill(~valid_BT[..., None], -1.0)
     idx_BEC = score_BTE.transpose(1, 2).topk(capacity, dim=-1).indices  # (B, E, C)
-    gate_BEC = probs_BTE.float().transpose(1, 2).gather(-1, idx_BEC)
+    gate_BEC = probs_BTE.to(acc).transpose(1, 2).gather(-1, idx_BEC)
     if valid_BT is not None:
         gate_BEC = gate_BEC * valid_BT[:, None, :].expand(-1, E, -1).gather(-1, idx_BEC)
     tok_ECB = (idx_BEC + torch.arange(B, device=x_BTD.device)[:, None, None] * T).permute(1, 0, 2)
     tok_EX = tok_ECB.reshape(E, B * capacity)
     x_ND = x_BTD.reshape(B * T, D)
-    out_EXD = bank.batched(x_ND[tok_EX]).float() * gate_BEC.permute(1, 0, 2).reshape(E, -1, 1)
-    y = torch.zeros(B * T, D, device=x_BTD.device, dtype=torch.float32)
+    out_EXD = bank.batched(x_ND[tok_EX]).to(acc) * gate_BEC.permute(1, 0, 2).reshape(E, -1, 1)
+    y = torch.zeros(B * T, D, device=x_BTD.device, dtype=acc)
     y = y.index_add(0, tok_EX.reshape(-1), out_EXD.reshape(-1, D))
     picks = _counts(tok_EX.reshape(-1), B * T).view(B, T)
     return y.to(x_BTD.dtype).view(B, T, D), picks
@@ -135,17 +142,19 @@ def expert_choice(x_BTD: torch.Tensor, probs_BTE: torch.Tensor, capacity: int, b
 def soft(x_ND: torch.Tensor, probs_NE: torch.Tensor, bank: StackedExperts) -> torch.Tensor:
     """Dense mixture: y = sum_e p_e * expert_e(x) for every token and every expert (E times the FLOPs)."""
     out_END = bank.everyone(x_ND)
-    return torch.einsum("ne,end->nd", probs_NE.float(), out_END.float()).to(x_ND.dtype)
+    acc = _acc(x_ND)
+    return torch.einsum("ne,end->nd", probs_NE.to(acc), out_END.to(acc)).to(x_ND.dtype)
 
 
 def expert_loop(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor,
                 bank: StackedExperts) -> torch.Tensor:
     """The widespread per-expert loop: find each expert's tokens (a host sync per expert), run, index_add."""
-    y = torch.zeros_like(x_ND, dtype=torch.float32)
+    acc = _acc(x_ND)
+    y = torch.zeros_like(x_ND, dtype=acc)
     for e in range(bank.n_experts):
         n_idx, k_idx = torch.where(expert_NK == e)
         if n_idx.numel() == 0:
             continue
-        out = bank.one(e, x_ND[n_idx]).float() * gate_NK[n_idx, k_idx, None].float()
+        out = bank.one(e, x_ND[n_idx]).to(acc) * gate_NK[n_idx, k_idx, None].to(acc)
         y = y.index_add(0, n_idx, out)
     return y.to(x_ND.dtype)

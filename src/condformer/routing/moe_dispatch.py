@@ -66,7 +66,8 @@ def dropless(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor,
         out_sorted = bank.grouped(x_sorted, torch.cumsum(counts, 0).to(torch.int32))
     else:  # one host sync for the slice sizes, then E contiguous matmuls
         sizes = counts.tolist()
-        chunks = [bank.one(e, part) for e, part in enumerate(x_sorted[:sum(sizes)].split(sizes))]
+        chunks = [bank.run(w, part) for w, part in zip(bank.each(x_ND), x_sorted[:sum(sizes)].split(sizes),
+                                                        strict=True)]
         rest = x_sorted.new_zeros(N * K - sum(sizes), x_ND.shape[1])
         out_sorted = torch.cat([*(c.to(x_ND.dtype) for c in chunks), rest])
     # rows past the last group are uninitialised (maybe NaN): select, never multiply
@@ -151,10 +152,10 @@ def expert_loop(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tens
     """The widespread per-expert loop: find each expert's tokens (a host sync per expert), run, index_add."""
     acc = _acc(x_ND)
     y = torch.zeros_like(x_ND, dtype=acc)
-    for e in range(bank.n_experts):
+    for e, weights in enumerate(bank.each(x_ND)):
         n_idx, k_idx = torch.where(expert_NK == e)
         if n_idx.numel() == 0:
             continue
-        out = bank.one(e, x_ND[n_idx]).to(acc) * gate_NK[n_idx, k_idx, None].to(acc)
+        out = bank.run(weights, x_ND[n_idx]).to(acc) * gate_NK[n_idx, k_idx, None].to(acc)
         y = y.index_add(0, n_idx, out)
     return y.to(x_ND.dtype)

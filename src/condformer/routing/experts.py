@@ -37,9 +37,11 @@ def _group_bounds(offs: torch.Tensor) -> list[tuple[int, int, int]]:
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if a.device.type != "cpu":
         return F.grouped_mm(a, b, offs=offs)
-    out = a.new_zeros(a.shape[0], b.shape[-1])  # rows past offs[-1] stay 0
-    for g, s, e in _group_bounds(offs):
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    bounds = _group_bounds(offs)
+    for g, s, e in bounds:
         torch.mm(a[s:e], b[g], out=out[s:e])
+    out[(bounds[-1][2] if bounds else 0):].zero_()  # rows past offs[-1]: 0 rather than garbage
     return out
 
 
@@ -52,9 +54,14 @@ def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 def _grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if a.device.type != "cpu":
         return F.grouped_mm(a.t(), grad, offs=offs)
-    out = a.new_zeros(offs.shape[0], a.shape[1], grad.shape[1])  # a group with no rows gets a zero gradient
-    for g, s, e in _group_bounds(offs):
+    out = a.new_empty(offs.shape[0], a.shape[1], grad.shape[1])
+    bounds = _group_bounds(offs)
+    filled = {g for g, _, _ in bounds}
+    for g, s, e in bounds:
         torch.mm(a[s:e].t(), grad[s:e], out=out[g])
+    for g in range(offs.shape[0]):
+        if g not in filled:  # a group with no rows gets a zero gradient
+            out[g].zero_()
     return out
 
 

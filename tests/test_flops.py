@@ -177,3 +177,31 @@ def test_moe_flops_scale_with_active_experts_not_total():
     assert ffn_flops(capacity_factor=None, top_k=2, experts=64) == dense + mlp + 8 * router  # more experts: same work
     assert ffn_flops(capacity_factor=1.25, moe_router="switch") == dense + mlp // 4 + router  # 8 x 10 slots for 64
     assert ffn_flops(moe_router="soft") == dense + 7 * mlp + router
+
+
+@pytest.mark.parametrize("opts", [{}, {"eval_capacity_factor": 2.0}, {"null_experts": 8, "top_k": 2}],
+                         ids=["dropless-eval", "eval-capacity", "integrated-mode"])
+def test_moe_eval_flops_count_what_evaluation_runs(opts):
+    from condformer.config import LayerSpec
+
+    T = 64
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, layers=[LayerSpec(), LayerSpec(ffn="moe", options=opts)])
+    model = build_model(cfg).eval()
+    if opts.get("null_experts"):  # dropless with no-op experts costs what the router decides: make it exact
+        with torch.no_grad():  # every token's two choices: one real expert, one no-op
+            model.layers[1].block.ffn.router.weight.zero_()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(
+            display=False, custom_mapping={torch.ops.condformer.grouped_mm: _grouped_mm_flops}) as counter:
+        model(torch.randint(0, 260, (1, T)))
+    measured = counter.get_total_flops()
+    report = count_flops(cfg, T, training=False)
+    if opts.get("null_experts"):
+        # all-zero logits tie; top-k then takes ids 0 and 1, two real experts: the grouped op counts
+        # its rows (2 per token, not the balanced expectation of 1); check the dense part and that count
+        expert = 2 * 32 * 128 * 2
+        balanced_rows, rows = T * 2 * 8 // 16, T * 2
+        assert measured == report.forward_flops + (rows - balanced_rows) * expert
+    else:
+        assert abs(report.forward_flops - measured) <= 0.01 * measured, (report.forward_flops, measured)
+    train_view = count_flops(cfg, T).forward_flops  # the training capacity (1.25) is counted differently
+    assert report.forward_flops > train_view if opts.get("eval_capacity_factor") else report.forward_flops < train_view

@@ -41,7 +41,7 @@ import torch
 
 from condformer.config import ModelConfig, TrainConfig
 from condformer.errors import ConfigError
-from condformer.flops import count_flops, head_forward_flops, layer_forward_flops
+from condformer.flops import count_flops, eval_config, head_forward_flops, layer_forward_flops
 from condformer.model import Transformer, build_model
 
 MODES = ("train", "forward", "generate")
@@ -425,9 +425,10 @@ def generate_flops(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> int:
 def flops_per_iter(mcfg: ModelConfig, cfg: BenchConfig) -> int:
     """FLOPs of one timed iteration of ``cfg.mode`` over the whole batch."""
     if cfg.mode == "generate":
-        return cfg.batch_size * generate_flops(mcfg, cfg.seq_len - cfg.new_tokens, cfg.new_tokens)
-    report = count_flops(mcfg, cfg.seq_len)
-    return cfg.batch_size * (report.train_flops if cfg.mode == "train" else report.forward_flops)
+        return cfg.batch_size * generate_flops(eval_config(mcfg), cfg.seq_len - cfg.new_tokens, cfg.new_tokens)
+    if cfg.mode == "train":
+        return cfg.batch_size * count_flops(mcfg, cfg.seq_len).train_flops
+    return cfg.batch_size * count_flops(mcfg, cfg.seq_len, training=False).forward_flops
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from condformer.config import ModelConfig
+from condformer.config import LayerSpec, ModelConfig
 from condformer.registry import BLOCKS, ROUTERS
 
 
@@ -56,11 +56,33 @@ def head_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
     return flops
 
 
-def count_flops(cfg: ModelConfig, seq_len: int) -> FlopReport:
-    """Forward and training FLOPs of one sequence of ``seq_len`` tokens, and parameter counts."""
+def eval_config(cfg: ModelConfig) -> ModelConfig:
+    """The config as it computes in evaluation and generation: each layer component may map its spec to
+    its eval-time spec (``eval_spec``), e.g. an MoE layer runs dropless at evaluation unless told otherwise,
+    so its evaluation FLOPs are the active experts' and not the training capacity's."""
+    import dataclasses
+
+    from condformer.registry import FFNS
+
+    def view(spec: LayerSpec) -> LayerSpec:
+        for part in (BLOCKS.get(spec.block), ROUTERS.get(spec.router), FFNS.get(spec.ffn)):
+            if hasattr(part, "eval_spec"):
+                spec = part.eval_spec(spec)
+        return spec
+
+    return dataclasses.replace(cfg, layers=[view(s) for s in cfg.layers])
+
+
+def count_flops(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> FlopReport:
+    """Forward and training FLOPs of one sequence of ``seq_len`` tokens, and parameter counts.
+
+    ``training=False`` counts the forward pass as evaluation runs it (see :func:`eval_config`).
+    """
     from condformer.model import build_model
 
     cfg.validate()
+    if not training:
+        cfg = eval_config(cfg)
     per_layer = [layer_forward_flops(cfg, i, seq_len) for i in range(cfg.n_layers)]
     head = head_forward_flops(cfg, seq_len)
     forward = sum(per_layer) + head

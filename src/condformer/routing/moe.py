@@ -21,6 +21,7 @@ balanced share (``moe_load_max``, 1 = balanced), dropped fraction, router entrop
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -371,6 +372,12 @@ class MoEFFN(nn.Module):
             raise ConfigError(f"{where}: {what} is not causal (a token's experts depend on later tokens), so it "
                               f"leaks the future in a decoder; use it in an encoder, or set allow_noncausal: true "
                               f"(no KV-cached generation)")
+
+    @staticmethod
+    def eval_spec(spec: LayerSpec) -> LayerSpec:
+        """The spec as evaluation runs it: the eval capacity factor (None: dropless) replaces the training one."""
+        options = {**spec.options, "capacity_factor": _opt(spec, "eval_capacity_factor")}
+        return dataclasses.replace(spec, options=options)
 
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_tokens: int) -> int:

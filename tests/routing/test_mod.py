@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from condformer.cache import KVCache
 from condformer.config import LayerSpec, every_other
 from condformer.context import Context, Tally
-from condformer.errors import ConfigError
 from condformer.generate import SamplingConfig, generate, left_pad
 from condformer.layers.blocks import PreLNBlock
 from condformer.model import build_layer, build_model
 from condformer.routing.mod import MoDRouter, capacity_tokens, set_eval_routing
+
+from .helpers import one_line_error
 
 D = 32
 V = 260
@@ -150,14 +151,6 @@ def _capture_inputs(model, layers) -> dict[int, torch.Tensor]:
 
 def _tokens(B: int, T: int) -> torch.Tensor:
     return torch.randint(0, V, (B, T))
-
-
-def _one_line_error(fn, cls=ConfigError) -> str:
-    with pytest.raises(cls) as err:
-        fn()
-    msg = str(err.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 # -- 1. capacity: exactly k tokens per sequence ------------------------------------------------
@@ -547,7 +540,7 @@ def test_greedy_generate_matches_naive_loop(tiny_cfg, causal_router):
 def test_topk_routing_with_a_cache_raises(tiny_cfg, options, train):
     model = build_model(_cfg(tiny_cfg, **options)).train(train)
     cache = KVCache.for_model(model, 1, 8)
-    msg = _one_line_error(lambda: model(_tokens(1, 4), cache=cache))
+    msg = one_line_error(lambda: model(_tokens(1, 4), cache=cache))
     assert "top-k" in msg and "cache" in msg
 
 
@@ -559,7 +552,7 @@ def test_topk_routing_with_a_cache_raises(tiny_cfg, options, train):
     {"predictor_hidden": 2.5},
 ])
 def test_bad_options_raise_config_error_at_build(tiny_cfg, options):
-    _one_line_error(lambda: build_model(_cfg(tiny_cfg, **options)))
+    one_line_error(lambda: build_model(_cfg(tiny_cfg, **options)))
 
 
 @pytest.mark.parametrize("options", [
@@ -575,8 +568,8 @@ def test_good_options_build(tiny_cfg, options):
 
 def test_set_eval_routing(tiny_cfg):
     model = build_model(_cfg(tiny_cfg, n_layers=4, causal_router="none", eval_routing="topk"))
-    _one_line_error(lambda: set_eval_routing(model, "causal"))
-    _one_line_error(lambda: set_eval_routing(model, "random"))
+    one_line_error(lambda: set_eval_routing(model, "causal"))
+    one_line_error(lambda: set_eval_routing(model, "random"))
     model = build_model(_cfg(tiny_cfg, n_layers=4))
     set_eval_routing(model, "topk")
     assert [m.eval_routing for _, m in _mod_layers(model)] == ["topk", "topk"]

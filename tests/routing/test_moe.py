@@ -22,7 +22,6 @@ from torch import nn
 from condformer.cache import KVCache
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context, Tally
-from condformer.errors import ConfigError
 from condformer.generate import SamplingConfig, generate, left_pad
 from condformer.model import build_model
 from condformer.optim import before_optimizer_step
@@ -32,6 +31,7 @@ from condformer.routing.moe import MoEFFN
 from condformer.routing.moe_routers import HashRouter, LSHRouter
 
 from . import moe_reference as R
+from .helpers import one_line_error
 
 D = 32
 V = 260
@@ -80,14 +80,6 @@ def _ctx(B: int, T: int, *, valid: torch.Tensor | None = None, tokens: torch.Ten
 
 def _stat(ctx: Context, name: str) -> float:
     return float(ctx.tally.stats[f"layer0/{name}"])
-
-
-def _one_line_error(fn, cls=ConfigError) -> str:
-    with pytest.raises(cls) as err:
-        fn()
-    msg = str(err.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 def _unit(dtype: torch.dtype = F64) -> torch.Tensor:
@@ -242,7 +234,7 @@ def test_topk1_with_renormalize_keeps_the_probability_as_gate():
 
 def test_hash_routing_without_token_ids_raises():
     ffn = _ffn(moe_router="hash", experts=4)
-    msg = _one_line_error(lambda: ffn(torch.randn(1, 4, D, dtype=F64), _ctx(1, 4)))
+    msg = one_line_error(lambda: ffn(torch.randn(1, 4, D, dtype=F64), _ctx(1, 4)))
     assert "token ids" in msg
 
 
@@ -891,12 +883,12 @@ def test_noncausal_routing_leaks_the_future(options):
 @pytest.mark.parametrize(("options", "what"), [({"moe_router": "expert_choice"}, "expert_choice"),
                                                ({"granularity": "sequence"}, "sequence")])
 def test_noncausal_routing_is_refused_in_a_decoder(options, what):
-    msg = _one_line_error(lambda: build_model(_cfg(options)))
+    msg = one_line_error(lambda: build_model(_cfg(options)))
     assert what in msg and "allow_noncausal" in msg
     build_model(_cfg(options, kind="encoder"))
     model = build_model(_cfg({**options, "allow_noncausal": True})).eval()
     cache = KVCache.for_model(model, 1, 8)
-    msg = _one_line_error(lambda: model(torch.randint(0, V, (1, 4)), cache=cache))
+    msg = one_line_error(lambda: model(torch.randint(0, V, (1, 4)), cache=cache))
     assert "cache" in msg
 
 
@@ -1016,7 +1008,7 @@ def test_staged_mode_cached_decoding_matches_full_forward(moe_router, B):
     ({"capacity_facter": 1.0}, "capacity_facter"),
 ])
 def test_bad_options_raise_one_line_config_error(options, name):
-    msg = _one_line_error(lambda: build_model(_cfg(options)))
+    msg = one_line_error(lambda: build_model(_cfg(options)))
     assert name in msg
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from condformer.errors import ConfigError
 
@@ -14,3 +15,12 @@ def one_line_error(fn, cls=ConfigError) -> str:
     msg = str(err.value)
     assert msg and "\n" not in msg
     return msg
+
+
+def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens by re-running the whole sequence each step (no cache): the generation reference."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]

@@ -24,7 +24,7 @@ from condformer.layers.blocks import PreLNBlock
 from condformer.model import build_layer, build_model
 from condformer.routing.mod import MoDRouter, capacity_tokens, set_eval_routing
 
-from .helpers import one_line_error
+from .helpers import naive_greedy, one_line_error
 
 D = 32
 V = 260
@@ -512,14 +512,6 @@ def test_left_padded_batch_matches_each_prompt_alone(tiny_cfg, causal_router):
             assert torch.equal(out.traces[key][b, -len(p):], routed[0]), key
 
 
-def _naive_greedy(model, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
 @pytest.mark.parametrize("causal_router", ["predictor", "aux"])
 def test_greedy_generate_matches_naive_loop(tiny_cfg, causal_router):
     model = _mixed_model(tiny_cfg, causal_router)
@@ -527,7 +519,7 @@ def test_greedy_generate_matches_naive_loop(tiny_cfg, causal_router):
     got = generate(model, prompts, SamplingConfig(max_new_tokens=10, greedy=True))
     assert not model.training
     for p, row in zip(prompts, got, strict=True):
-        assert row == _naive_greedy(model, p, 10)
+        assert row == naive_greedy(model, p, 10)
     assert len({t for row in got for t in row}) > 3  # not degenerate
 
 

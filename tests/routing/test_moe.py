@@ -31,7 +31,7 @@ from condformer.routing.moe import MoEFFN
 from condformer.routing.moe_routers import HashRouter, LSHRouter
 
 from . import moe_reference as R
-from .helpers import one_line_error
+from .helpers import naive_greedy, one_line_error
 
 D = 32
 V = 260
@@ -926,21 +926,13 @@ def test_cached_decoding_matches_full_forward(router, B):
     _check_cached(model, prompts, conts)
 
 
-def _naive_greedy(model, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
 @pytest.mark.parametrize("router", ["topk", "hash", "lsh", "null", "noisy_topk"])
 def test_greedy_generate_matches_naive_loop(router):
     model = _moe_model(CAUSAL[router])
     prompts = [torch.randint(0, V, (n,)).tolist() for n in (4, 9, 2)]
     got = generate(model, prompts, SamplingConfig(max_new_tokens=8, greedy=True))
     for p, row in zip(prompts, got, strict=True):
-        assert row == _naive_greedy(model, p, 8)
+        assert row == naive_greedy(model, p, 8)
     assert len({tuple(row) for row in got}) == len(prompts)  # not degenerate
 
 

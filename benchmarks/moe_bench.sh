@@ -15,6 +15,9 @@ common=(--seq-len 1024 --batch-size 2 --repeats 5)
 b switch-train    --preset $C/medium-switch-all.json --vs medium --mode train "${common[@]}"
 b switch-forward  --preset $C/medium-switch-all.json --vs medium --mode forward "${common[@]}"
 b switch-dropless-train --preset $C/medium-switch-all-dropless.json --vs medium --mode train "${common[@]}"
+# the same at 4x the tokens per step: parameter-proportional work (expert gradients, AdamW) amortises
+b switch-dropless-train-b8 --preset $C/medium-switch-all-dropless.json --vs medium --mode train --seq-len 1024 \
+  --batch-size 8 --repeats 3 --no-memory
 b top2-train      --preset $C/medium-top2-all.json --vs $C/medium-ffn2x.json --mode train "${common[@]}"
 b top2-forward    --preset $C/medium-top2-all.json --vs $C/medium-ffn2x.json --mode forward "${common[@]}"
 b top2-dropless-train --preset $C/medium-top2-all-dropless.json --vs $C/medium-ffn2x.json --mode train "${common[@]}"

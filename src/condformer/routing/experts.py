@@ -77,7 +77,10 @@ def _grouped_mm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _grouped_mm_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
     a, b, offs = ctx.saved_tensors
     grad = grad.contiguous()  # grouped_mm rejects stride-0 gradients (e.g. from out.sum())
-    grad_a = _grouped_mm(grad, b.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
+    b_t = b.transpose(-1, -2)
+    if b.device.type != "cpu":  # torch's kernel: the row-major layout its forward takes (untested here: no GPU)
+        b_t = b_t.contiguous()
+    grad_a = _grouped_mm(grad, b_t, offs) if ctx.needs_input_grad[0] else None
     grad_b = _grouped_mm_weight_grad(a, grad, offs) if ctx.needs_input_grad[1] else None
     return grad_a, grad_b, None
 

@@ -66,8 +66,17 @@ def _mode_staged(dims: dict) -> ModelConfig:
     return ModelConfig(**dims, layers=every_other(routed))
 
 
+def _blocks(dims: dict, block: str, kind: str = "decoder") -> ModelConfig:
+    """Every layer the same block type (He & Hofmann 2024): parallel, sas or sasp; encoders for BERT-style MLM."""
+    return ModelConfig(**dims, kind=kind, layers=[LayerSpec(block=block)])
+
+
 for _size, _dims in SIZES.items():
     register_preset(_size, lambda d=_dims: ModelConfig(**d))
+    for _block in ("parallel", "sas", "sasp"):
+        register_preset(f"{_size}-{_block}", lambda d=_dims, b=_block: _blocks(d, b))
+    register_preset(f"{_size}-bert", lambda d=_dims: _blocks(d, "preln", "encoder"))
+    register_preset(f"{_size}-bert-sasp", lambda d=_dims: _blocks(d, "sasp", "encoder"))
     register_preset(f"{_size}-mod", lambda d=_dims: _mod(d))
     register_preset(f"{_size}-moe", lambda d=_dims: _moe(d, top_k=2))
     register_preset(f"{_size}-switch", lambda d=_dims: _moe(d, moe_router="switch"))

@@ -44,6 +44,7 @@ def _ensure_builtin_registered() -> None:
     # Importing the modules runs their @register decorators; done lazily to avoid import cycles.
     import condformer.layers.blocks  # noqa: F401
     import condformer.layers.mlp  # noqa: F401
+    import condformer.layers.simplified  # noqa: F401
     import condformer.routing.dense  # noqa: F401
     import condformer.routing.mod  # noqa: F401
     import condformer.routing.moe  # noqa: F401

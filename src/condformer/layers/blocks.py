@@ -11,8 +11,9 @@ from torch import nn
 
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
+from condformer.errors import ConfigError
 from condformer.layers.attention import SelfAttention
-from condformer.layers.norms import make_norm
+from condformer.layers.norms import block_norm
 from condformer.registry import BLOCKS, FFNS
 
 
@@ -24,16 +25,24 @@ class PreLNBlock(nn.Module):
             └─ norm ─ attention ───┘      └─ norm ─ FFN ──────────┘
     """
 
+    options: tuple[str, ...] = ("block_norm",)  # false: no norms (but a LayerNorm at layer 0's input)
+
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
         super().__init__()
-        self.pre_attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.pre_attn_norm = block_norm(cfg, spec, layer_index)
         self.attn = SelfAttention(cfg)
-        self.pre_ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.pre_ffn_norm = block_norm(cfg, spec, layer_index, first=False)
         self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
         a = self.attn(self.pre_attn_norm(x_BTD), ctx)
         return a + self.ffn(self.pre_ffn_norm(x_BTD + a), ctx)
+
+    @staticmethod
+    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
+        v = spec.options.get("block_norm", True)
+        if not isinstance(v, bool):
+            raise ConfigError(f"layers[{i}]: block_norm must be true or false, got {v!r}")
 
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:

@@ -33,3 +33,16 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "layernorm":
         return LayerNorm(dim, eps=eps)
     raise ValueError(f"unknown norm '{kind}'")  # unreachable after ModelConfig.validate
+
+
+def block_norm(cfg, spec, layer_index: int, first: bool = True) -> nn.Module:  # noqa: ANN001
+    """A block's norm, or the identity for the no-norm variant (``spec.options["block_norm"] = False``).
+
+    The no-norm variant keeps one LayerNorm at the input of layer 0, as He & Hofmann (2024) do, so the
+    embeddings enter the stack at a sane scale; the final norm before the head is the model's, always kept.
+    """
+    if spec.options.get("block_norm", True):
+        return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+    if layer_index == 0 and first:
+        return LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.Identity()

@@ -1,0 +1,116 @@
+"""Simplified blocks (He & Hofmann 2024, arXiv 2311.01906): parallel, SAS and SAS-P.
+
+Each returns the residual-free update the router contract asks for. SAS and SAS-P have no skip
+connection: their output *replaces* x (the identity path is shaped attention's alpha * I), so their
+update is ``out - x`` and the dense router's ``x + update`` is ``out``::
+
+    parallel: out = x + Attn(N1 x) + FFN(N1 x)                     one shared norm
+    sas:      h = beta_SA * ShapedAttn(N1 x);  out = h + beta_FF * FFN(N2 h)
+    sasp:     out = beta_SA * ShapedAttn(N1 x) + beta_FF * FFN(N1 x)
+
+Options (``LayerSpec.options``): ``block_norm`` (default true; false drops the block's norms, except a
+LayerNorm at the input of layer 0, the paper's no-norm variant), ``beta_ff`` (initial FFN gain, default
+0.1) and ``beta_sa`` (initial attention gain, default 1). Both gains are trainable and excluded from weight
+decay. Any FFN from the registry works (MLP, MoE); any router wraps these blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from condformer.config import LayerSpec, ModelConfig
+from condformer.context import Context
+from condformer.errors import ConfigError
+from condformer.layers.attention import SelfAttention
+from condformer.layers.norms import block_norm
+from condformer.layers.shaped_attention import ShapedAttention
+from condformer.registry import BLOCKS, FFNS
+
+DEFAULTS: dict[str, Any] = {"block_norm": True, "beta_ff": 0.1, "beta_sa": 1.0}
+
+
+def _opt(spec: LayerSpec, name: str) -> Any:
+    return spec.options.get(name, DEFAULTS[name])
+
+
+def validate_block_options(spec: LayerSpec, cfg: ModelConfig, i: int, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = _opt(spec, name)
+        if name == "block_norm":
+            if not isinstance(v, bool):
+                raise ConfigError(f"layers[{i}]: block_norm must be true or false, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"layers[{i}]: {name} must be a number, got {v!r}")
+
+
+@BLOCKS.register("parallel")
+class ParallelBlock(nn.Module):
+    """Attention and FFN side by side on one shared norm (GPT-J, PaLM): ``Attn(N x) + FFN(N x)``."""
+
+    options: tuple[str, ...] = ("block_norm",)
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
+        super().__init__()
+        self.norm = block_norm(cfg, spec, layer_index)
+        self.attn = SelfAttention(cfg)
+        self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        z = self.norm(x_BTD)
+        return self.attn(z, ctx) + self.ffn(z, ctx)
+
+    @staticmethod
+    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
+        validate_block_options(spec, cfg, i, ParallelBlock.options)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:
+        return SelfAttention.flops(cfg, n_queries, n_keys) + FFNS.get(spec.ffn).flops(cfg, spec, n_queries)
+
+
+class _ShapedBlock(nn.Module):
+    options: tuple[str, ...] = tuple(DEFAULTS)
+    no_weight_decay = ("beta_ff", "beta_sa")
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
+        super().__init__()
+        self.norm1 = block_norm(cfg, spec, layer_index)
+        self.attn = ShapedAttention(cfg)
+        self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
+        self.beta_ff = nn.Parameter(torch.tensor(float(_opt(spec, "beta_ff"))))
+        self.beta_sa = nn.Parameter(torch.tensor(float(_opt(spec, "beta_sa"))))
+
+    @staticmethod
+    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
+        validate_block_options(spec, cfg, i, _ShapedBlock.options)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:
+        return ShapedAttention.flops(cfg, n_queries, n_keys) + FFNS.get(spec.ffn).flops(cfg, spec, n_queries)
+
+
+@BLOCKS.register("sas")
+class SASBlock(_ShapedBlock):
+    """Skipless attention, sequential: ``h = beta_SA * ShapedAttn(N1 x); out = h + beta_FF * FFN(N2 h)``."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
+        super().__init__(cfg, spec, layer_index)
+        self.norm2 = block_norm(cfg, spec, layer_index, first=False)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = self.beta_sa * self.attn(self.norm1(x_BTD), ctx)
+        out = h + self.beta_ff * self.ffn(self.norm2(h), ctx)
+        return out.to(x_BTD.dtype) - x_BTD
+
+
+@BLOCKS.register("sasp")
+class SASPBlock(_ShapedBlock):
+    """Skipless attention, parallel, no skip at all: ``beta_SA * ShapedAttn(N1 x) + beta_FF * FFN(N1 x)``."""
+
+    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        z = self.norm1(x_BTD)
+        out = self.beta_sa * self.attn(z, ctx) + self.beta_ff * self.ffn(z, ctx)
+        return out.to(x_BTD.dtype) - x_BTD

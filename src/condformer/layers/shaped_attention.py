@@ -33,13 +33,13 @@ def masked_mean(mask_B1TS: torch.Tensor, v_BHSd: torch.Tensor) -> torch.Tensor:
     return (w @ v_BHSd) / w.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
-def running_mean(v_BHTd: torch.Tensor, causal: bool) -> torch.Tensor:
-    """C V for a contiguous sequence: the causal running mean, or the full mean for an encoder."""
+def running_mean(v_BTHd: torch.Tensor, causal: bool) -> torch.Tensor:
+    """C V for a contiguous sequence, along dim 1: the causal running mean, or the full mean for an encoder."""
     if not causal:
-        return v_BHTd.mean(dim=2, keepdim=True).expand_as(v_BHTd)
-    T = v_BHTd.shape[2]
-    counts = torch.arange(1, T + 1, device=v_BHTd.device, dtype=v_BHTd.dtype)
-    return v_BHTd.cumsum(dim=2) / counts[:, None]
+        return v_BTHd.mean(dim=1, keepdim=True).expand_as(v_BTHd)
+    T = v_BTHd.shape[1]
+    counts = torch.arange(1, T + 1, device=v_BTHd.device, dtype=v_BTHd.dtype)
+    return v_BTHd.cumsum(dim=1) / counts[:, None, None]
 
 
 class ShapedAttention(nn.Module):
@@ -63,26 +63,33 @@ class ShapedAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        q, k = self.qk(x_BTD).view(B, T, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        v = x_BTD.view(B, T, self.n_heads, self.head_dim).transpose(1, 2).to(q.dtype)  # W_V = I
+        H, d = self.n_heads, self.head_dim
+        q, k = self.qk(x_BTD).view(B, T, 2, H, d).permute(2, 0, 3, 1, 4)
+        x_BTHd = x_BTD.view(B, T, H, d).to(q.dtype)
+        v = x_BTHd.transpose(1, 2)  # W_V = I: head h's values are the h-th slice of the input
         q = self.rotary(q, ctx.positions_BT)
         k = self.rotary(k, ctx.positions_BT)
-        attended, mean = self._attend(q, k, v, ctx)
-        y = self.alpha * v + self.beta * attended - self.gamma * mean
-        return y.transpose(1, 2).reshape(B, T, D)  # W_P = I
+        attended_BHTd, mean_BTHd = self._attend(q, k, v, ctx, x_BTHd)
+        # (B, T, H, d) layout throughout, so the result needs no copy to become (B, T, D) (W_P = I);
+        # addcmul fuses each multiply into its add (the elementwise passes are this module's overhead)
+        per_head = (1, 1, H, 1)
+        y = torch.addcmul(x_BTHd * self.alpha.view(per_head), mean_BTHd, self.gamma.view(per_head), value=-1)
+        y = torch.addcmul(y, attended_BHTd.transpose(1, 2), self.beta.view(per_head))
+        return y.reshape(B, T, D)
 
     @staticmethod
-    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A V, C V) over this step's keys plus the layer's cached ones."""
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
+                x_BTHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A V as (B, H, T, d), C V as (B, T, H, d)) over this step's keys plus the layer's cached ones."""
         kv = ctx.kv
         if kv is not None:
             k, v, k_pos, k_valid = kv.append(k, v, ctx.positions_BT, ctx.valid_BT)
             mask = attention_mask(ctx.positions_BT, k_pos, k_valid, ctx.causal)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), masked_mean(mask, v)
-        if ctx.contiguous and ctx.valid_BT is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=ctx.causal), running_mean(v, ctx.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), masked_mean(mask, v).transpose(1, 2)
+        if ctx.contiguous and ctx.valid_BT is None:  # the running mean along T of the contiguous input
+            return F.scaled_dot_product_attention(q, k, v, is_causal=ctx.causal), running_mean(x_BTHd, ctx.causal)
         mask = attention_mask(ctx.positions_BT, ctx.positions_BT, ctx.valid_BT, ctx.causal)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), masked_mean(mask, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), masked_mean(mask, v).transpose(1, 2)
 
     @staticmethod
     def flops(cfg: ModelConfig, n_queries: int, n_keys: int) -> int:

@@ -23,7 +23,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from condformer.cache import KVCache
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
-from condformer.errors import ConfigError
 from condformer.flops import count_flops
 from condformer.generate import SamplingConfig, generate, left_pad
 from condformer.layers.attention import SelfAttention
@@ -36,6 +35,7 @@ from condformer.optim import param_groups
 from condformer.presets import SIZES, preset
 from condformer.routing.dense import DenseRouter
 from condformer.routing.mod import MoDRouter, capacity_tokens
+from helpers import naive_greedy, one_line_error
 
 D, H, V = 32, 4, 260
 HD = D // H
@@ -217,22 +217,6 @@ def _model64(tiny_cfg, block: str, **kw) -> nn.Module:
 
 def _tokens(B: int, T: int) -> torch.Tensor:
     return torch.randint(0, V, (B, T))
-
-
-def _naive_greedy(model, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
-def _one_line_error(fn) -> str:
-    with pytest.raises(ConfigError) as err:
-        fn()
-    msg = str(err.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 # -- 1. shaped attention = the T x T formula -----------------------------------------------------
@@ -486,7 +470,7 @@ def test_greedy_generate_matches_naive_loop(tiny_cfg, block):
     prompts = [_tokens(1, n)[0].tolist() for n in (3, 7)]
     got = generate(model, prompts, SamplingConfig(max_new_tokens=8, greedy=True))
     for p, row in zip(prompts, got, strict=True):
-        assert row == _naive_greedy(model, p, 8)
+        assert row == naive_greedy(model, p, 8)
     assert len({t for row in got for t in row}) > 2  # not degenerate
 
 
@@ -673,7 +657,7 @@ def test_flops_match_flop_counter(tiny_cfg, block, kind, T):
     ("parallel", {"beta_ff": 0.1}, "beta_ff"),  # parallel has no gains: unknown option
 ])
 def test_bad_options_raise_one_line_config_error(tiny_cfg, block, options, name):
-    msg = _one_line_error(lambda: build_model(_cfg(tiny_cfg, block, **options)))
+    msg = one_line_error(lambda: build_model(_cfg(tiny_cfg, block, **options)))
     assert name in msg and "layers[0]" in msg
 
 

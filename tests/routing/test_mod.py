@@ -23,8 +23,7 @@ from condformer.generate import SamplingConfig, generate, left_pad
 from condformer.layers.blocks import PreLNBlock
 from condformer.model import build_layer, build_model
 from condformer.routing.mod import MoDRouter, capacity_tokens, set_eval_routing
-
-from .helpers import naive_greedy, one_line_error
+from helpers import naive_greedy, one_line_error
 
 D = 32
 V = 260

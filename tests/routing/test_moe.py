@@ -29,9 +29,9 @@ from condformer.routing import moe_dispatch as dispatch
 from condformer.routing import moe_losses as losses
 from condformer.routing.moe import MoEFFN
 from condformer.routing.moe_routers import HashRouter, LSHRouter
+from helpers import naive_greedy, one_line_error
 
 from . import moe_reference as R
-from .helpers import naive_greedy, one_line_error
 
 D = 32
 V = 260

@@ -24,3 +24,19 @@ def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     return seq[len(prompt):]
+
+
+def decode_with_cache(model, tokens_BT: torch.Tensor, prompt_len: int, full_logits: torch.Tensor,
+                      atol: float) -> object:
+    """Prefill ``prompt_len`` tokens into a fresh KV cache, then decode the rest one token at a time,
+    asserting every step's logits equal ``full_logits`` (one forward pass over all tokens). Returns the cache."""
+    from condformer.cache import KVCache
+
+    B, T = tokens_BT.shape
+    cache = KVCache.for_model(model, B, T)
+    out = model(tokens_BT[:, :prompt_len], cache=cache)
+    torch.testing.assert_close(out.logits, full_logits[:, :prompt_len], rtol=0, atol=atol)
+    for t in range(prompt_len, T):
+        out = model(tokens_BT[:, t:t + 1], positions_BT=torch.full((B, 1), t), cache=cache)
+        torch.testing.assert_close(out.logits[:, 0], full_logits[:, t], rtol=0, atol=atol)
+    return cache

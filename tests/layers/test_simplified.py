@@ -35,7 +35,7 @@ from condformer.optim import param_groups
 from condformer.presets import SIZES, preset
 from condformer.routing.dense import DenseRouter
 from condformer.routing.mod import MoDRouter, capacity_tokens
-from helpers import naive_greedy, one_line_error
+from helpers import decode_with_cache, naive_greedy, one_line_error
 
 D, H, V = 32, 4, 260
 HD = D // H
@@ -430,12 +430,7 @@ def test_cached_decoding_matches_full_forward(tiny_cfg, block):
     T, P = 12, 5
     tokens = _tokens(1, T)
     full = model(tokens).logits
-    cache = KVCache.for_model(model, 1, T)
-    out = model(tokens[:, :P], cache=cache)
-    torch.testing.assert_close(out.logits, full[:, :P], rtol=0, atol=1e-9)
-    for t in range(P, T):
-        out = model(tokens[:, t:t + 1], positions_BT=torch.tensor([[t]]), cache=cache)
-        torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=0, atol=1e-9)
+    decode_with_cache(model, tokens, P, full, atol=1e-9)
     # prefixes really interact (the comparison is not between position-wise independent computations)
     changed = tokens.clone()
     changed[0, 0] = (tokens[0, 0] + 1) % V
@@ -499,12 +494,7 @@ def test_mod_sasp_cached_decoding_matches_full_forward(tiny_cfg, B):
         assert routed.any() and not routed.all(), "decisions not mixed: the test would prove nothing"
         if B == 2:
             assert not torch.equal(routed[0], routed[1])  # fillers: rows route different tokens
-    cache = KVCache.for_model(model, B, T)
-    out = model(tokens[:, :P], cache=cache)
-    torch.testing.assert_close(out.logits, full.logits[:, :P], rtol=0, atol=1e-9)
-    for t in range(P, T):
-        out = model(tokens[:, t:t + 1], positions_BT=torch.full((B, 1), t), cache=cache)
-        torch.testing.assert_close(out.logits[:, 0], full.logits[:, t], rtol=0, atol=1e-9)
+    decode_with_cache(model, tokens, P, full.logits, atol=1e-9)
 
 
 @torch.no_grad()

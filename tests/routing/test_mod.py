@@ -23,7 +23,7 @@ from condformer.generate import SamplingConfig, generate, left_pad
 from condformer.layers.blocks import PreLNBlock
 from condformer.model import build_layer, build_model
 from condformer.routing.mod import MoDRouter, capacity_tokens, set_eval_routing
-from helpers import naive_greedy, one_line_error
+from helpers import decode_with_cache, naive_greedy, one_line_error
 
 D = 32
 V = 260
@@ -477,12 +477,7 @@ def test_cached_decoding_matches_full_forward(tiny_cfg, causal_router, B):
     tokens = _tokens(B, T)
     full = model(tokens, trace=True)
     _assert_mixed(full, model)
-    cache = KVCache.for_model(model, B, T)
-    out = model(tokens[:, :P], cache=cache)
-    torch.testing.assert_close(out.logits, full.logits[:, :P], rtol=0, atol=1e-10)
-    for t in range(P, T):
-        out = model(tokens[:, t:t + 1], positions_BT=torch.full((B, 1), t), cache=cache)
-        torch.testing.assert_close(out.logits[:, 0], full.logits[:, t], rtol=0, atol=1e-10)
+    cache = decode_with_cache(model, tokens, P, full.logits, atol=1e-10)
     assert cache.layers[0].length == T
     # a routed layer caches (as valid entries) exactly the tokens it routed, at their original positions
     for i, _ in _mod_layers(model):

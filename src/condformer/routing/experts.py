@@ -109,11 +109,16 @@ class StackedExperts(nn.Module):
             return F.silu(gate) * up
         return F.gelu(h)
 
-    def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights in the compute dtype (autocast's when it is on, else the input's)."""
-        dtype = like.dtype
+    @staticmethod
+    def _compute_dtype(like: torch.Tensor) -> torch.dtype:
+        """Autocast's dtype when it is on, else the input's."""
         if torch.is_autocast_enabled(like.device.type):
-            dtype = torch.get_autocast_dtype(like.device.type)
+            return torch.get_autocast_dtype(like.device.type)
+        return like.dtype
+
+    def _weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights in the compute dtype."""
+        dtype = self._compute_dtype(like)
         return self.w_up.to(dtype), self.w_down.to(dtype)
 
     # -- the four ways to run the bank --------------------------------------------------------
@@ -160,8 +165,8 @@ class StackedExperts(nn.Module):
             return True
         if x.device.type != "cuda":
             return False
-        up, _ = self._weights(x)
-        size = up.element_size()
+        dtype = self._compute_dtype(x)  # no weight cast just to ask
+        size = dtype.itemsize
         if (self.d_model * size) % 16 or (self.d_expert * size) % 16:
             return False
-        return up.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8

@@ -195,7 +195,7 @@ class MoEFFN(nn.Module):
             y_ND = dispatch.expert_loop(x_ND, expert_NK, gate_NK, self.bank)
         else:
             y_ND = dispatch.dropless(x_ND, expert_NK, gate_NK, self.bank, grouped=how == "grouped")
-        self._stats(ctx, expert_NK, kept_NK, r.probs_NE, valid_N)
+        self._stats(ctx, expert_NK, kept_NK, r.probs_NE)
         if ctx.tally.tracing:  # for `condformer inspect`: which expert each token visited, -1 for none
             visited_NK = expert_NK if kept_NK is None else torch.where(kept_NK, expert_NK, self.n_total)
             visited_NK = torch.where(visited_NK < self.n_experts, visited_NK, -1)
@@ -237,13 +237,9 @@ class MoEFFN(nn.Module):
 
     def _entropy_stat(self, ctx: Any, probs_NE: torch.Tensor) -> None:
         """Mean router entropy over real tokens (padding excluded)."""
+        mask_N = None if ctx.valid_BT is None else ctx.valid_BT.reshape(-1)
         with torch.no_grad():
-            if ctx.valid_BT is None:
-                ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs_NE))
-                return
-            v = ctx.valid_BT.reshape(-1).to(probs_NE.dtype)
-            ent = -(probs_NE * probs_NE.clamp_min(1e-30).log()).sum(-1)
-            ctx.tally.stat(ctx.layer, "moe_entropy", (ent * v).sum() / v.sum().clamp(min=1))
+            ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs_NE, mask_N))
 
     # -- losses, statistics, aux-free balancing ----------------------------------------------------
     def _add_losses(self, r: Routing, rows_N: torch.Tensor | None, ctx: Any) -> None:
@@ -273,13 +269,14 @@ class MoEFFN(nn.Module):
                 ctx.tally.loss(f"moe_{name}", coef * value)
                 ctx.tally.stat(ctx.layer, f"moe_{name}", value)
 
-    def _stats(self, ctx: Any, expert_NK: torch.Tensor, kept_NK: torch.Tensor | None, probs_NE: torch.Tensor | None,
-               valid_N: torch.Tensor | None) -> None:
+    def _choice_counts(self, expert_NK: torch.Tensor) -> torch.Tensor:
+        """Choices per expert (no-op experts included), padding (id n_total) left out."""
+        return dispatch.count_ids(expert_NK.reshape(-1), self.n_total + 1)[: self.n_total].float()
+
+    def _stats(self, ctx: Any, expert_NK: torch.Tensor, kept_NK: torch.Tensor | None,
+               probs_NE: torch.Tensor | None) -> None:
         with torch.no_grad():
-            live = expert_NK < self.n_total  # not padding
-            key = torch.where(live, expert_NK, self.n_total).reshape(-1)
-            counts = torch.zeros(self.n_total + 1, device=key.device).scatter_add_(
-                0, key, torch.ones(key.shape, device=key.device))[: self.n_total]
+            counts = self._choice_counts(expert_NK)
             share = counts / counts.sum().clamp(min=1)
             for e in range(self.n_experts):
                 ctx.tally.stat(ctx.layer, f"moe_load_e{e}", share[e])
@@ -292,16 +289,11 @@ class MoEFFN(nn.Module):
             else:
                 dropped = torch.zeros((), device=expert_NK.device)
             ctx.tally.stat(ctx.layer, "moe_dropped_frac", dropped)
-            if probs_NE is not None and probs_NE.shape[0] == expert_NK.shape[0]:
-                p = probs_NE if valid_N is None else probs_NE * valid_N[:, None]
-                ent = -(p * probs_NE.clamp_min(1e-30).log()).sum(-1)
-                n = expert_NK.shape[0] if valid_N is None else valid_N.sum().clamp(min=1)
-                ctx.tally.stat(ctx.layer, "moe_entropy", ent.sum() / n)
+        if probs_NE is not None and probs_NE.shape[0] == expert_NK.shape[0]:  # per-token routing
+            self._entropy_stat(ctx, probs_NE)
 
     def _accumulate_load(self, expert_NK: torch.Tensor) -> None:
-        key = expert_NK.reshape(-1)
-        counts = torch.zeros(self.n_total + 1, device=key.device).scatter_add_(
-            0, key, torch.ones(key.shape, device=key.device))[: self.n_total]
+        counts = self._choice_counts(expert_NK)
         self._load_acc = counts if self._load_acc is None else self._load_acc + counts
 
     @torch.no_grad()

@@ -32,8 +32,8 @@ def capacity_slots(factor: float, n_tokens: int, k: int, n_experts_total: int) -
     return max(1, min(n_tokens, math.ceil(factor * n_tokens * k / n_experts_total - 1e-9)))
 
 
-def _counts(e_P: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Pairs per bin, computed on the device (``bincount`` would sync the host on CUDA)."""
+def count_ids(e_P: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """How often each id in [0, n_bins) occurs, computed on the device (``bincount`` would sync the host on CUDA)."""
     return torch.zeros(n_bins, dtype=torch.long, device=e_P.device).scatter_add_(0, e_P, torch.ones_like(e_P))
 
 
@@ -60,7 +60,7 @@ def dropless(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor,
     key_P = torch.where(real_P, e_P, E)  # no-op pairs sort last, past every expert's slice
     order_P = torch.argsort(key_P, stable=True)
     real_sorted = real_P[order_P][:, None]
-    counts = _counts(key_P, E + 1)[:E]
+    counts = count_ids(key_P, E + 1)[:E]
     x_sorted = torch.where(real_sorted, x_ND[order_P // K], 0)
     if grouped:
         out_sorted = bank.grouped(x_sorted, torch.cumsum(counts, 0).to(torch.int32))
@@ -97,7 +97,7 @@ def with_capacity(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Te
     else:
         raise ValueError(f"unknown drop policy {policy!r}; choose one of {DROP_POLICIES}")
     key_sorted = key_P[order_P]
-    counts = _counts(key_P, E + 1)
+    counts = count_ids(key_P, E + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(N * K, device=x_ND.device) - starts[key_sorted]
     keep_sorted = (key_sorted < E) & (rank < C)
@@ -136,7 +136,7 @@ def expert_choice(x_BTD: torch.Tensor, probs_BTE: torch.Tensor, capacity: int, b
     out_EXD = bank.batched(x_ND[tok_EX]).to(acc) * gate_BEC.permute(1, 0, 2).reshape(E, -1, 1)
     y = torch.zeros(B * T, D, device=x_BTD.device, dtype=acc)
     y = y.index_add(0, tok_EX.reshape(-1), out_EXD.reshape(-1, D))
-    picks = _counts(tok_EX.reshape(-1), B * T).view(B, T)
+    picks = count_ids(tok_EX.reshape(-1), B * T).view(B, T)
     return y.to(x_BTD.dtype).view(B, T, D), picks
 
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import torch
 
+from condformer.routing.moe_dispatch import count_ids
+
 BALANCE_CONVENTIONS = ("unit", "hf")
 
 
 def assignment_fractions(expert_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
     """f_E: share of the N*K assignments per expert (sums to 1). Computed without a host sync."""
-    counts = torch.zeros(n_experts, device=expert_NK.device, dtype=torch.float32)
-    counts.scatter_add_(0, expert_NK.reshape(-1), torch.ones(expert_NK.numel(), device=expert_NK.device))
-    return counts / max(expert_NK.numel(), 1)
+    return count_ids(expert_NK.reshape(-1), n_experts).float() / max(expert_NK.numel(), 1)
 
 
 def switch_balance_loss(probs_NE: torch.Tensor, expert_NK: torch.Tensor, convention: str = "unit") -> torch.Tensor:
@@ -83,7 +83,12 @@ def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_NE.float(), dim=-1).pow(2).mean()
 
 
-def router_entropy(probs_NE: torch.Tensor) -> torch.Tensor:
-    """Mean entropy (nats) of the routing distribution; log(E) means the router has no preference."""
+def router_entropy(probs_NE: torch.Tensor, mask_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy (nats) of the routing distribution over the rows ``mask_N`` keeps (all by default);
+    log(E) means the router has no preference."""
     p = probs_NE.float()
-    return -(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean()
+    entropy_N = -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
+    if mask_N is None:
+        return entropy_N.mean()
+    w = mask_N.to(entropy_N.dtype)
+    return (entropy_N * w).sum() / w.sum().clamp(min=1)

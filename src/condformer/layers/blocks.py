@@ -11,9 +11,8 @@ from torch import nn
 
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
-from condformer.errors import ConfigError
 from condformer.layers.attention import SelfAttention
-from condformer.layers.norms import block_norm
+from condformer.layers.norms import block_norm, check_block_norm_option
 from condformer.registry import BLOCKS, FFNS
 
 
@@ -40,9 +39,7 @@ class PreLNBlock(nn.Module):
 
     @staticmethod
     def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
-        v = spec.options.get("block_norm", True)
-        if not isinstance(v, bool):
-            raise ConfigError(f"layers[{i}]: block_norm must be true or false, got {v!r}")
+        check_block_norm_option(spec, i)
 
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:

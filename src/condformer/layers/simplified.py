@@ -25,7 +25,7 @@ from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.errors import ConfigError
 from condformer.layers.attention import SelfAttention
-from condformer.layers.norms import block_norm
+from condformer.layers.norms import block_norm, check_block_norm_option
 from condformer.layers.shaped_attention import ShapedAttention
 from condformer.registry import BLOCKS, FFNS
 
@@ -37,12 +37,10 @@ def _opt(spec: LayerSpec, name: str) -> Any:
 
 
 def validate_block_options(spec: LayerSpec, cfg: ModelConfig, i: int, names: tuple[str, ...]) -> None:
+    check_block_norm_option(spec, i)
     for name in names:
         v = _opt(spec, name)
-        if name == "block_norm":
-            if not isinstance(v, bool):
-                raise ConfigError(f"layers[{i}]: block_norm must be true or false, got {v!r}")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+        if name != "block_norm" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ConfigError(f"layers[{i}]: {name} must be a number, got {v!r}")
 
 

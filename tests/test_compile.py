@@ -14,10 +14,14 @@ from condformer import KVCache, ModelConfig, build_model
 pytestmark = pytest.mark.compile
 
 
-def test_training_path_compiles_fullgraph() -> None:
+ALTUP = {"k": 2, "variant": "recycled", "coefficients": "gemma"}
+
+
+@pytest.mark.parametrize("altup", [None, ALTUP], ids=["dense", "altup"])
+def test_training_path_compiles_fullgraph(altup: dict | None) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, altup=altup))
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randint(0, 260, (2, 16))
     out = compiled(x, x)
@@ -27,10 +31,11 @@ def test_training_path_compiles_fullgraph() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_cached_decode_step_compiles_fullgraph() -> None:
+@pytest.mark.parametrize("altup", [None, ALTUP], ids=["dense", "altup"])
+def test_cached_decode_step_compiles_fullgraph(altup: dict | None) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)).eval()
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, altup=altup)).eval()
     cache = KVCache.for_model(model, 1, 8)
     x = torch.randint(0, 260, (1, 8))
     with torch.no_grad():

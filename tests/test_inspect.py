@@ -179,3 +179,31 @@ def test_integrated_mode_shows_which_tokens_skipped_the_ffn() -> None:
     assert layer["routed"] == [int(v) for v in visited]
     assert entry["none_frac"] == pytest.approx(1 - sum(visited) / len(visited))
     assert 0 < entry["none_frac"] < 1  # the crafted router splits tokens both ways on this text
+
+
+@pytest.mark.parametrize("coefficients", ["scalar", "gemma"])
+def test_altup_coefficients_are_reported_per_layer(coefficients: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                      altup={"k": 3, "variant": "recycled", "coefficients": coefficients})
+    model = build_model(cfg)
+    with torch.no_grad():
+        for c in model.altup.coefs:
+            for param in c.parameters():
+                param.normal_()
+    result = inspect_routing(model, ByteTokenizer(), TEXT)
+    assert [e["layer"] for e in result["altup"]] == [0, 1]
+    for e, c in zip(result["altup"], model.altup.coefs, strict=True):
+        if coefficients == "scalar":
+            assert torch.tensor(e["p"]).allclose(c.p) and torch.tensor(e["g"]).allclose(c.g)
+        else:
+            assert torch.tensor(e["p"]).shape == (3, 3) and len(e["g"]) == 3
+    if coefficients == "gemma":  # layer 0's prediction coefficients by hand: tanh router over block 0
+        ids = torch.tensor([result["token_ids"]])  # the text truncated to max_seq_len
+        c = model.altup.coefs[0]
+        with torch.no_grad():
+            x = model.embed(ids)
+            m = torch.tanh(c.modality_router(c.router_norm(x) / 32))
+            C = (m @ c.prediction_coefs.weight.t()).view(1, -1, 3, 3).mean((0, 1))
+        assert torch.tensor(result["altup"][0]["p"]).allclose(torch.eye(3) + C, atol=1e-5)
+    assert inspect_routing(mod_model(), ByteTokenizer(), TEXT)["altup"] == []

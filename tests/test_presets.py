@@ -63,7 +63,7 @@ def test_every_preset_builds_on_meta_and_matches_count_flops(name):
     n = sum(p.numel() for p in params)
     report = count_flops(cfg, 128)
     assert report.params == n
-    assert report.non_embedding_params == n - cfg.vocab_size * cfg.d_model
+    assert report.non_embedding_params == n - cfg.vocab_size * cfg.embed_dim
     if name in SIZES:
         assert n == _dense_param_count(cfg.n_layers, cfg.d_model, cfg.vocab_size)
 
@@ -107,3 +107,23 @@ def test_moe_presets_follow_the_switch_recipe(size):
     f = {n: count_flops(preset(n), T).forward_flops for n in (size, f"{size}-moe", f"{size}-switch", f"{size}-mode")}
     assert f[size] < f[f"{size}-switch"] < f[f"{size}-mode"] < f[f"{size}-moe"]
     assert f[f"{size}-switch"] < 1.15 * f[size]
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_altup_presets_widen_the_state_not_the_layers(size):
+    dense, std, rec = preset(size), preset(f"{size}-altup"), preset(f"{size}-raltup")
+    for cfg in (std, rec):
+        assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.layers) == (dense.n_layers, dense.d_model,
+                                                                         dense.n_heads, dense.layers)
+        assert (cfg.altup.k, cfg.altup.schedule, cfg.altup.coefficients) == (2, "alternating", "scalar")
+    assert (std.altup.variant, std.altup.reduction, std.embed_dim) == ("standard", "concat", 2 * dense.d_model)
+    assert (rec.altup.variant, rec.altup.reduction, rec.embed_dim) == ("recycled", "mean", dense.d_model)
+    d, L, V, T = dense.d_model, dense.n_layers, dense.vocab_size, 256
+    n = {name: count_flops(preset(name), T).params for name in (size, f"{size}-altup", f"{size}-raltup")}
+    assert n[f"{size}-raltup"] - n[size] == L * (2 * 2 + 2)  # K^2 + K scalars per layer
+    # a wider embedding (its tied head too) and a 2d-wide final norm
+    assert n[f"{size}-altup"] - n[size] == L * (2 * 2 + 2) + V * d + d
+    f = {name: count_flops(preset(name), T).forward_flops for name in (size, f"{size}-altup", f"{size}-raltup")}
+    predict_correct = L * T * (2 * 4 * d + 2 * 2 * d)
+    assert f[f"{size}-raltup"] - f[size] == predict_correct
+    assert f[f"{size}-altup"] - f[size] == predict_correct + 2 * T * d * V  # the 2d-wide head

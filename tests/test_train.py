@@ -285,3 +285,28 @@ def test_moe_with_aux_free_bias_trains_and_resumes_exactly(corpus: Path, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     stats = [r for r in rows if "layer1/moe_load_max" in r]
     assert stats and all(r["layer1/moe_load_max"] >= 1.0 for r in stats)
+
+
+@pytest.mark.parametrize("altup", [{"k": 2}, {"k": 2, "variant": "recycled", "coefficients": "gemma"}])
+def test_altup_trains_logs_its_coefficients_and_resumes_exactly(corpus: Path, tmp_path: Path, altup: dict) -> None:
+    # the coefficients must move away from the identity, be logged, be saved, and resume must be bit-identical
+    mc = model_cfg(altup=altup)
+    cfg = dict(max_steps=6, eval_every=3)
+    train(mc, train_cfg(corpus, **cfg), tmp_path / "a", progress=False)
+    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, stop_after=3)
+    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    from safetensors.torch import load_file
+
+    wa = load_file(str(resolve_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(resolve_checkpoint(tmp_path / "b") / "model.safetensors"))
+    keys = [k for k in wa if k.startswith("altup.coefs.")]
+    assert keys and all(torch.equal(wa[k], wb[k]) for k in keys)
+    if altup.get("coefficients") != "gemma":
+        assert not torch.equal(wa["altup.coefs.1.p"], torch.eye(2)) and not torch.equal(wa["altup.coefs.1.g"],
+                                                                                        torch.ones(2))
+    else:
+        assert wa["altup.coefs.1.prediction_coefs.weight"].abs().max() > 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "layer1/altup_p0_1" in r and "layer0/altup_g1" in r]
+    assert logged and all(math.isfinite(r["layer1/altup_p0_1"]) for r in logged)

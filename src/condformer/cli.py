@@ -236,6 +236,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         shares = " ".join(f"{x:.0%}" for x in e["shares"])
         none = f", none {e['none_frac']:.0%}" if e["none_frac"] else ""
         lines.append(f"layer {e['layer']}  {e['name']}  load per id: {shares}{none}")
+    for e in result["altup"]:
+        p = "; ".join(" ".join(f"{v:+.3f}" for v in row) for row in e["p"])
+        g = " ".join(f"{v:+.3f}" for v in e["g"])
+        lines.append(f"layer {e['layer']}  altup  p = [{p}]  g = [{g}]")
     if not result["layers"] and not result["assignments"]:
         lines.append(f"no routed layers: all {result['n_layers']} layers compute all {n} tokens")
     lines.append(f"png: {png}")

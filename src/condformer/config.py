@@ -47,6 +47,63 @@ class LayerSpec:
         return _from_dict(cls, d, "layers[]")
 
 
+@dataclass
+class AltUpConfig:
+    """Alternating Updates (Baykal et al. 2023): a K-times wider token state at the cost of a d-wide layer.
+
+    The state is K blocks of width d. Each layer predicts every block from all blocks (K x K scalars),
+    runs the ordinary d-wide layer on one activated block, and corrects every block by K scalars times
+    the layer's innovation. See :mod:`condformer.routing.altup`.
+
+    variant: ``standard`` (the embedding is K*d wide) or ``recycled`` (the d-wide embedding replicated K
+        times; only K^2 + K scalars per layer are added).
+    output: how the K blocks reach the head. ``concat``: the K*d state is normed and read by a K*d-wide
+        head (standard only; tied to the wide embedding). ``mean`` / ``sum``: the blocks are combined to d
+        for the unchanged d-wide head. ``auto``: concat for standard, mean for recycled.
+    schedule: ``alternating`` (layer l activates block l mod K) or ``same`` (always block 0).
+    layer_input: ``block`` (the paper: the old activated block) or ``prediction`` (Gemma 3n: its prediction).
+    coefficients: ``scalar`` (the paper: learned p and g per layer) or ``gemma`` (Gemma 3n: coefficients
+        computed per token by a tanh router, clipped to +-coef_clip in training).
+    """
+
+    k: int = 2
+    variant: str = "standard"
+    output: str = "auto"
+    schedule: str = "alternating"
+    layer_input: str = "block"
+    coefficients: str = "scalar"
+    coef_clip: float | None = 120.0
+
+    @property
+    def reduction(self) -> str:
+        """The output reduction with ``auto`` resolved."""
+        if self.output != "auto":
+            return self.output
+        return "concat" if self.variant == "standard" else "mean"
+
+    def validate(self, model: ModelConfig) -> None:
+        if not (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 2):
+            raise ConfigError(f"altup.k must be an integer >= 2 (the number of d-wide blocks), got {self.k!r}")
+        _choice(self.variant, ALTUP_VARIANTS, "altup.variant")
+        _choice(self.output, ALTUP_OUTPUTS, "altup.output")
+        _choice(self.schedule, ("alternating", "same"), "altup.schedule")
+        _choice(self.layer_input, ("block", "prediction"), "altup.layer_input")
+        _choice(self.coefficients, ("scalar", "gemma"), "altup.coefficients")
+        clip = self.coef_clip
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            raise ConfigError(f"altup.coef_clip must be > 0 or null (no clipping), got {self.coef_clip}")
+        if self.variant == "recycled" and self.output == "concat":
+            raise ConfigError("altup.output 'concat' needs variant 'standard' (a recycled embedding is d wide); "
+                              "use output 'mean' or 'sum'")
+        if self.variant == "standard" and self.reduction != "concat" and model.tie_embeddings:
+            raise ConfigError(f"altup.output '{self.output}' gives a d-wide head that cannot be tied to the K*d-wide "
+                              "standard embedding; set tie_embeddings=false or use output 'concat'")
+
+
+ALTUP_VARIANTS = ("standard", "recycled")
+ALTUP_OUTPUTS = ("auto", "concat", "mean", "sum")
+
+
 def every_other(routed: LayerSpec, dense: LayerSpec | None = None) -> list[LayerSpec]:
     """The pattern ``[dense, routed]`` repeated: a routed layer after every dense one."""
     return [dense or LayerSpec(), routed]
@@ -71,9 +128,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     layers: list[LayerSpec] = field(default_factory=lambda: [LayerSpec()])
+    altup: AltUpConfig | None = None  # None: the ordinary d-wide residual stream
 
     def __post_init__(self) -> None:
         self.layers = [s if isinstance(s, LayerSpec) else LayerSpec.from_dict(s) for s in self.layers]
+        if self.altup is not None and not isinstance(self.altup, AltUpConfig):
+            self.altup = _from_dict(AltUpConfig, self.altup, "model.altup")
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -91,6 +151,20 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return self.kind == "decoder"
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embedding: K*d for standard AltUp, d otherwise."""
+        if self.altup is not None and self.altup.variant == "standard":
+            return self.altup.k * self.d_model
+        return self.d_model
+
+    @property
+    def head_in_dim(self) -> int:
+        """Width the final norm and the head read: K*d for AltUp's ``concat`` output, d otherwise."""
+        if self.altup is not None and self.altup.reduction == "concat":
+            return self.altup.k * self.d_model
+        return self.d_model
 
     def layer_specs(self) -> list[LayerSpec]:
         """One spec per layer: ``layers`` repeated to ``n_layers``."""
@@ -123,6 +197,8 @@ class ModelConfig:
                 f"the layer pattern has {len(self.layers)} entries, which does not divide n_layers="
                 f"{self.n_layers}; give one spec per layer or a pattern whose length divides n_layers"
             )
+        if self.altup is not None:
+            self.altup.validate(self)
         for i, spec in enumerate(self.layer_specs()):
             _choice(spec.block, BLOCKS.names(), f"layers[{i}].block")
             _choice(spec.router, ROUTERS.names(), f"layers[{i}].router")

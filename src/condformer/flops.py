@@ -46,13 +46,16 @@ def layer_forward_flops(cfg: ModelConfig, layer_index: int, seq_len: int) -> int
     def block_flops(n_queries: int, n_keys: int) -> int:
         return block.flops(cfg, spec, n_queries, n_keys)
 
-    return ROUTERS.get(spec.router).flops(cfg, spec, seq_len, block_flops)
+    from condformer.routing.altup import altup_layer_flops
+
+    return ROUTERS.get(spec.router).flops(cfg, spec, seq_len, block_flops) + altup_layer_flops(cfg, seq_len)
 
 
 def head_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
-    flops = 2 * seq_len * cfg.d_model * cfg.vocab_size
+    width = cfg.head_in_dim  # K*d for AltUp's concat output
+    flops = 2 * seq_len * width * cfg.vocab_size
     if cfg.kind == "encoder":  # the MLM transform's dense layer
-        flops += 2 * seq_len * cfg.d_model * cfg.d_model
+        flops += 2 * seq_len * width * width
     return flops
 
 

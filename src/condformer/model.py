@@ -1,4 +1,4 @@
-"""The backbone: embed -> layers -> final norm -> head. Nothing here knows about any technique.
+"""The backbone: embed -> layers -> final norm -> head. Nothing here knows about any per-layer technique.
 
 Each layer is a router (from the registry) wrapped around a block (from the registry) whose FFN comes
 from the registry too; which ones is decided by the config's per-layer :class:`LayerSpec`.
@@ -17,6 +17,7 @@ from condformer.config import ModelConfig
 from condformer.context import Context, Tally
 from condformer.layers.norms import make_norm
 from condformer.registry import BLOCKS, ROUTERS
+from condformer.routing.altup import AltUp
 
 IGNORE_INDEX = -100  # targets with this value (padding, unmasked MLM positions) carry no loss
 
@@ -50,8 +51,9 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        width = cfg.head_in_dim
+        self.dense = nn.Linear(width, width)
+        self.norm = make_norm(cfg.norm, width, cfg.norm_eps)
         nn.init.normal_(self.dense.weight, std=cfg.init_std)
         nn.init.zeros_(self.dense.bias)
 
@@ -65,12 +67,14 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg.validate()
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.layers = nn.ModuleList(build_layer(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        # the one stream-level technique: AltUp keeps K d-wide blocks around the same layers
+        self.altup = AltUp(cfg) if cfg.altup is not None else None
+        self.final_norm = make_norm(cfg.norm, cfg.head_in_dim, cfg.norm_eps)
         self.mlm_head = MLMHead(cfg) if cfg.kind == "encoder" else None
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.head_in_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         else:
@@ -93,15 +97,19 @@ class Transformer(nn.Module):
         ctx = self._context(tokens_BT, positions_BT, valid_BT, cache)
         ctx.tally.tracing = trace
         h = self.embed(tokens_BT)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, ctx.for_layer(i))
+        if self.altup is not None:
+            h = self.altup(h, self.layers, ctx)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, ctx.for_layer(i))
         h = self.final_norm(h)
         if self.mlm_head is not None:
             h = self.mlm_head(h)
         logits = self.head(h)
         loss = None
         if targets_BT is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; float64 kept
+            loss = F.cross_entropy(wide.flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
         tally = ctx.tally
         return Output(logits, loss, tally.total(h), dict(tally.losses), dict(tally.stats), dict(tally.traces))
 

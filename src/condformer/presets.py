@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from condformer.config import LayerSpec, ModelConfig, every_other
+from condformer.config import AltUpConfig, LayerSpec, ModelConfig, every_other
 from condformer.errors import ConfigError
 
 SIZES: dict[str, dict] = {
@@ -66,6 +66,15 @@ def _mode_staged(dims: dict) -> ModelConfig:
     return ModelConfig(**dims, layers=every_other(routed))
 
 
+def _altup(dims: dict, variant: str) -> ModelConfig:
+    """AltUp (Baykal et al. 2023) with K = 2 blocks, alternating schedule, the paper's scalar coefficients.
+
+    ``standard``: a 2d-wide embedding tied to a 2d-wide head over the concatenated blocks.
+    ``recycled``: the d-wide embedding replicated, blocks averaged back to d for the tied d-wide head.
+    """
+    return ModelConfig(**dims, altup=AltUpConfig(k=2, variant=variant))
+
+
 def _blocks(dims: dict, block: str, kind: str = "decoder") -> ModelConfig:
     """Every layer the same block type (He & Hofmann 2024): parallel, sas or sasp; encoders for BERT-style MLM."""
     return ModelConfig(**dims, kind=kind, layers=[LayerSpec(block=block)])
@@ -84,3 +93,5 @@ for _size, _dims in SIZES.items():
     # balanced routing sends half the choices to no-ops, which skip the FFN at zero FLOPs
     register_preset(f"{_size}-mode", lambda d=_dims: _moe(d, top_k=2, null_experts=8))
     register_preset(f"{_size}-mode-staged", lambda d=_dims: _mode_staged(d))
+    register_preset(f"{_size}-altup", lambda d=_dims: _altup(d, "standard"))
+    register_preset(f"{_size}-raltup", lambda d=_dims: _altup(d, "recycled"))

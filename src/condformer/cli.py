@@ -257,6 +257,24 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _emit(args, format_bench(result), result)
 
 
+# -- compare -----------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> None:
+    from condformer.compare import StudyConfig, render_summary, run_study
+
+    budget = "quick" if args.quick else "gpu" if args.gpu else "cpu" if args.full else None
+    if budget is None:
+        import torch
+
+        budget = "gpu" if torch.cuda.is_available() and args.budget_flops is None else "quick"
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets else None
+    modes = [m.strip() for m in args.bench_modes.split(",") if m.strip()] if args.bench_modes else None
+    cfg = StudyConfig.from_budget(budget, presets=presets, size=args.size, budget_flops=args.budget_flops,
+                                  data=args.data, seeds=args.seeds, seq_len=args.seq_len,
+                                  batch_size=args.batch_size, bench_modes=modes, device=args.device)
+    results = run_study(cfg, args.out, progress=not args.no_progress)
+    _emit(args, render_summary(results, args.out), results)
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="condformer", description="Conditional-computation Transformers: train, measure, generate.")
@@ -275,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a model on a corpus (default: the Python stdlib's source)")
     _add_model_args(s)
-    s.add_argument("--data", help="stdlib | PATH (file, directory or glob) | hf:NAME[:SPLIT:COLUMN]")
+    s.add_argument("--data", help="stdlib | PATH (file, directory or glob) | hf:NAME[:SPLIT:COLUMN] | "
+                                  "synthetic:mixed-difficulty")
     s.add_argument("--tokenizer", help="byte (default) | bpe | bpe:VOCAB")
     s.add_argument("--max-steps", type=int)
     s.add_argument("--budget-flops", type=float, help="stop at this many training FLOPs (analytic)")
@@ -352,6 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed layers: causal decisions (default, as in sampling) or training-time top-k")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("compare", help="isoFLOP study: train presets to one FLOP budget, evaluate, time, report")
+    s.add_argument("--presets", help="comma-separated techniques (dense,mod,moe,switch,mode,altup,raltup,sasp,...) "
+                                     "or preset names; default: dense,mod,moe,altup,sasp")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--quick", action="store_true", help="under 10 minutes on 2 CPU cores (the default on CPU)")
+    b.add_argument("--full", action="store_true", help="the CPU study: about an hour on 2 cores")
+    b.add_argument("--gpu", action="store_true", help="the GPU study (the default when CUDA is available)")
+    s.add_argument("--budget-flops", type=float, help="training FLOPs per run (overrides the budget preset)")
+    s.add_argument("--size", help="model size of the techniques: tiny, small, medium, gpt2-small")
+    s.add_argument("--data", help="stdlib (default) | synthetic:mixed-difficulty | PATH | hf:NAME")
+    s.add_argument("--seeds", type=int, help="runs per preset (error bars when > 1)")
+    s.add_argument("--seq-len", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--bench-modes", help="comma-separated: train, forward, generate (default: train,forward)")
+    s.add_argument("--device", help="auto (default), cpu, cuda")
+    s.add_argument("--out", default="runs/compare", help="study directory (reused: finished runs are skipped)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_compare)
     return p
 
 

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,25 +211,28 @@ def _stats_to_floats(acc: dict[str, torch.Tensor], n: int) -> dict[str, float]:
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
-          progress: bool = True, stop_after: int | None = None, data: TokenData | None = None) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, data: TokenData | None = None,
+          on_step: Callable[[], None] | None = None) -> TrainResult:
     """Train ``model_cfg`` under ``cfg`` into ``out_dir``; return the final metrics.
 
     ``stop_after`` ends the run (with a checkpoint) after that many steps in total, as an interruption
-    would; a later ``resume=True`` call continues it exactly.
+    would; a later ``resume=True`` call continues it exactly. ``on_step`` is called after every optimizer
+    step (including steps completed before a resume, once each), e.g. to drive a caller's progress bar.
     """
     cfg.validate()
     out = Path(out_dir)
     device = _resolve_device(cfg)
     rank, world, owns_group = _setup_distributed(device)
     try:
-        return _train(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data)
+        return _train(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data, on_step)
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank: int, world: int, resume: bool,
-           progress: bool, stop_after: int | None, data: TokenData | None) -> TrainResult:
+           progress: bool, stop_after: int | None, data: TokenData | None,
+           on_step: Callable[[], None] | None = None) -> TrainResult:
     is_main = rank == 0
 
     ck = None
@@ -288,6 +292,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     bar = _progress(range(start_step, end_step), total_steps, start_step, progress and is_main)
+    if on_step is not None:
+        for _ in range(start_step):
+            on_step()
     skipped, last_loss, stat_acc, n_acc, last_stats = 0, float("nan"), {}, 0, {}
     train_time, logged_time, logged_step, metrics = 0.0, 0.0, start_step, {}
     completed = start_step  # steps whose update (or deliberate skip) is fully applied
@@ -323,11 +330,15 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
                 before_optimizer_step(raw_model, skip=True)
                 skipped += 1
                 completed = step + 1
+                if on_step is not None:
+                    on_step()
                 continue
             before_optimizer_step(raw_model)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             completed = step + 1
+            if on_step is not None:
+                on_step()
             train_time += time.perf_counter() - t0
             last_loss = float(loss_avg)
             done = step + 1

@@ -5,6 +5,8 @@ A corpus spec is one of:
 * ``"stdlib"``: the ``.py`` files of the running Python's standard library. It is on every machine, needs
   no download and is large enough (about 10 MB) to train small models, so it is the default.
 * a path: a text file, a directory (all regular files below it) or a glob pattern.
+* ``"synthetic:NAME"`` or ``"synthetic:NAME:N_DOCS"``: a corpus generated on the fly (no files, no download),
+  such as the routing diagnostic ``synthetic:mixed-difficulty`` (see :mod:`condformer.data.synthetic`).
 * ``"hf:NAME"``, ``"hf:NAME:SPLIT:COLUMN"`` or ``"hf:NAME:CONFIG:SPLIT:COLUMN"``: a Hugging Face dataset
   (needs the optional ``datasets`` package).
 
@@ -115,6 +117,10 @@ def _read_documents(spec: str, max_docs: int | None) -> list[Document]:
         return _limit(_stdlib_documents(), max_docs)
     if spec.startswith("hf:"):
         return _hf_documents(spec, HF_MAX_DOCS if max_docs is None else max_docs)
+    if spec.startswith("synthetic:"):
+        from condformer.data.synthetic import synthetic_documents  # imports this module, so import it late
+
+        return synthetic_documents(spec, max_docs)
     path = Path(spec).expanduser()
     if _GLOB_CHARS & set(spec) and not path.exists():
         return _limit(_glob_documents(spec), max_docs)

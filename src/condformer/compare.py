@@ -426,7 +426,9 @@ def render_report(results: dict[str, Any]) -> str:
     if per_class:
         classes = list(per_class[0][1]["per_class"])
         lines += ["## Where each model spends compute, per token class", "",
-                  "Share of tokens of each class that a routed layer computed (validation windows).", "",
+                  "Share of the tokens of each class that a routed layer computed, on validation windows "
+                  "(`*_routed`: the token went through the block or FFN; `*_expert`: the share of its k "
+                  "choices that reached a real expert, not a no-op or a drop).", "",
                   "| preset | layer | " + " | ".join(classes) + " |", "| --- " * (2 + len(classes)) + "|"]
         for name, e in per_class:
             cells = [_fmt(e["per_class"][c], ".3f") for c in classes]

@@ -203,5 +203,13 @@ def test_synthetic_corpus_gives_compute_per_token_class(tmp_path: Path) -> None:
         shares = e["per_class"]
         total = sum(shares[c] * counts[c] for c in CLASSES if shares[c] is not None)
         assert total / sum(counts.values()) == pytest.approx(e["computed_frac"], abs=0.02)
+    for layer in (1, 3):  # each class's expert shares sum to 1 over the real experts
+        e = layers[(layer, "moe_expert")]
+        assert len(e["expert_load"]) == 8  # 8 real experts (the no-ops are ids -1 in the trace)
+        for c, shares in e["experts_per_class"].items():
+            if shares is not None:
+                assert len(shares) == 8 and sum(shares) == pytest.approx(1.0)
+        assert any(v is not None for v in e["experts_per_class"].values())
     report = (tmp_path / "report.md").read_text()
     assert "## Where each model spends compute, per token class" in report and "sum_result" in report
+    assert "### `tiny-mode` layer 1: which experts each token class uses" in report

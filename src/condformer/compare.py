@@ -193,7 +193,7 @@ def _train_config(cfg: StudyConfig, seed: int) -> Any:
     return TrainConfig(data=cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, budget_flops=cfg.budget_flops, eval_every=cfg.eval_every,
                        eval_batches=cfg.eval_batches, seed=seed, device=cfg.device, tensorboard=False,
-                       checkpoint_every=10**9).validate()
+                       checkpoint_every=cfg.eval_every, keep_checkpoints=1).validate()  # a killed run loses little
 
 
 def run_dir(out: Path, preset: str, seed: int) -> Path:
@@ -340,10 +340,15 @@ def _analyse(cfg: StudyConfig, name: str, out: Path) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {"layer": layer, "trace": trace, "computed_frac": float(computed.mean())}
         if v.dtype == torch.long:
-            ids = v[v >= 0].cpu()
-            n = max(int(ids.max()) + 1 if ids.numel() else 0, 1)
-            counts = torch.bincount(ids, minlength=n)
+            ids_BTK = v.cpu()
+            # how many experts exist: the layer's per-expert load statistics, so an idle expert still shows
+            stem = f"{prefix}/{trace.rsplit('_', 1)[0]}_load_e"
+            n = max([int(ids_BTK.max()) + 1, 1, *(int(k[len(stem):]) + 1 for k in o.stats
+                                                  if k.startswith(stem) and k[len(stem):].isdigit())])
+            counts = torch.bincount(ids_BTK[ids_BTK >= 0], minlength=n)
             entry["expert_load"] = (counts / max(int(counts.sum()), 1)).tolist()
+            if classes is not None:
+                entry["experts_per_class"] = _experts_per_class(ids_BTK, classes, n)
         if classes is not None:
             entry["per_class"] = _per_class(computed, classes)
         layers.append(entry)
@@ -379,6 +384,20 @@ def _token_classes(data: str, tok: Any, x: Any) -> Any:
         classes = iter(classify("".join(pieces)))
         rows.append([next(classes) if p else -1 for p in pieces])
     return torch.tensor(rows)
+
+
+def _experts_per_class(ids_BTK: Any, classes: Any, n_experts: int) -> dict[str, list[float] | None]:
+    """For each token class, the share of its choices that reached each real expert (None: no such token)."""
+    import torch
+
+    from condformer.data.synthetic import CLASSES
+
+    out: dict[str, list[float] | None] = {}
+    for i, c in enumerate(CLASSES):
+        ids = ids_BTK[classes == i]  # (n_tokens_of_class, K)
+        ids = ids[ids >= 0]
+        out[c] = (torch.bincount(ids, minlength=n_experts) / ids.numel()).tolist() if ids.numel() else None
+    return out
 
 
 def _per_class(computed: Any, classes: Any) -> dict[str, float | None]:
@@ -433,6 +452,16 @@ def render_report(results: dict[str, Any]) -> str:
         for name, e in per_class:
             cells = [_fmt(e["per_class"][c], ".3f") for c in classes]
             lines.append(f"| `{name}` | {e['layer']} {e['trace']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    experts = [(n, e) for n, a in results["analysis"].items() for e in a["layers"] if "experts_per_class" in e]
+    for name, e in experts:
+        n_exp = len(e["expert_load"])
+        lines += [f"### `{name}` layer {e['layer']}: which experts each token class uses", "",
+                  "Share of the class's expert choices per expert (no-ops and drops excluded).", "",
+                  "| class | " + " | ".join(f"e{i}" for i in range(n_exp)) + " |", "| --- " * (1 + n_exp) + "|"]
+        for c, shares in e["experts_per_class"].items():
+            if shares is not None:
+                lines.append(f"| {c} | " + " | ".join(f"{v:.2f}" for v in shares) + " |")
         lines.append("")
     routed = [(n, e) for n, a in results["analysis"].items() for e in a["layers"]]
     if routed:

@@ -44,7 +44,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # finishes in under 10 minutes on 2 CPU cores with the default presets (the README's main job)
     "quick": dict(size="tiny", budget_flops=3.0e12, seq_len=128, batch_size=8, warmup_steps=30, eval_every=100,
                   eval_batches=8, bench_repeats=3, bench_batch_size=8),
-    # about an hour on 2 CPU cores: the budget of the per-technique studies in benchmarks/RESULTS.md
+    # about 20 minutes on 2 CPU cores for the default presets: the per-technique studies' budget (RESULTS.md)
     "cpu": dict(size="tiny", budget_flops=2.127e13, seq_len=256, batch_size=16, warmup_steps=100, eval_every=200,
                 eval_batches=20, bench_repeats=5, bench_batch_size=16),
     # one GPU: a 6 x 256 model for ~100M tokens

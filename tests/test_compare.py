@@ -206,7 +206,7 @@ def test_synthetic_corpus_gives_compute_per_token_class(tmp_path: Path) -> None:
     for layer in (1, 3):  # each class's expert shares sum to 1 over the real experts
         e = layers[(layer, "moe_expert")]
         assert len(e["expert_load"]) == 8  # 8 real experts (the no-ops are ids -1 in the trace)
-        for c, shares in e["experts_per_class"].items():
+        for shares in e["experts_per_class"].values():
             if shares is not None:
                 assert len(shares) == 8 and sum(shares) == pytest.approx(1.0)
         assert any(v is not None for v in e["experts_per_class"].values())

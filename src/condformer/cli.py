@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or preset names; default: dense,mod,moe,altup,sasp")
     b = s.add_mutually_exclusive_group()
     b.add_argument("--quick", action="store_true", help="under 10 minutes on 2 CPU cores (the default on CPU)")
-    b.add_argument("--full", action="store_true", help="the CPU study: about 20 minutes on 2 cores for the default presets")
+    b.add_argument("--full", action="store_true", help="the CPU study: ~20 min on 2 cores (default presets)")
     b.add_argument("--gpu", action="store_true", help="the GPU study (the default when CUDA is available)")
     s.add_argument("--budget-flops", type=float, help="training FLOPs per run (overrides the budget preset)")
     s.add_argument("--size", help="model size of the techniques: tiny, small, medium, gpt2-small")

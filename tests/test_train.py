@@ -46,6 +46,18 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+def train_interrupt_resume(mc: ModelConfig, tc: TrainConfig, tmp_path: Path) -> tuple[dict, dict]:
+    """Train run a straight through and run b stopped after 3 steps then resumed; assert their per-step losses
+    are bit-identical and return both runs' final weights."""
+    from safetensors.torch import load_file
+
+    train(mc, tc, tmp_path / "a", progress=False)
+    train(mc, tc, tmp_path / "b", progress=False, stop_after=3)
+    train(mc, tc, tmp_path / "b", progress=False, resume=True)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    return tuple(load_file(str(resolve_checkpoint(tmp_path / r) / "model.safetensors")) for r in "ab")
+
+
 def test_loss_decreases(corpus: Path, tmp_path: Path) -> None:
     r = train(model_cfg(), train_cfg(corpus, max_steps=60, eval_every=60), tmp_path / "run", progress=False)
     curve = losses(tmp_path / "run")
@@ -268,15 +280,7 @@ def test_moe_with_aux_free_bias_trains_and_resumes_exactly(corpus: Path, tmp_pat
 
     moe = LayerSpec(ffn="moe", options={"aux_free_rate": 0.01, "balance_coef": 0.0, "capacity_factor": 1.0})
     mc = model_cfg(layers=[LayerSpec(), moe])
-    cfg = dict(grad_accum=2, max_steps=6, eval_every=3)
-    train(mc, train_cfg(corpus, **cfg), tmp_path / "a", progress=False)
-    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, stop_after=3)
-    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, resume=True)
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    from safetensors.torch import load_file
-
-    wa = load_file(str(resolve_checkpoint(tmp_path / "a") / "model.safetensors"))
-    wb = load_file(str(resolve_checkpoint(tmp_path / "b") / "model.safetensors"))
+    wa, wb = train_interrupt_resume(mc, train_cfg(corpus, grad_accum=2, max_steps=6, eval_every=3), tmp_path)
     bias = wa["layers.1.block.ffn.expert_bias"]
     assert torch.equal(bias, wb["layers.1.block.ffn.expert_bias"])
     # 6 updates of +-0.01 each, centred: nonzero, bounded by 6 x 0.01 per expert plus the centring shift
@@ -291,15 +295,7 @@ def test_moe_with_aux_free_bias_trains_and_resumes_exactly(corpus: Path, tmp_pat
 def test_altup_trains_logs_its_coefficients_and_resumes_exactly(corpus: Path, tmp_path: Path, altup: dict) -> None:
     # the coefficients must move away from the identity, be logged, be saved, and resume must be bit-identical
     mc = model_cfg(altup=altup)
-    cfg = dict(max_steps=6, eval_every=3)
-    train(mc, train_cfg(corpus, **cfg), tmp_path / "a", progress=False)
-    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, stop_after=3)
-    train(mc, train_cfg(corpus, **cfg), tmp_path / "b", progress=False, resume=True)
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    from safetensors.torch import load_file
-
-    wa = load_file(str(resolve_checkpoint(tmp_path / "a") / "model.safetensors"))
-    wb = load_file(str(resolve_checkpoint(tmp_path / "b") / "model.safetensors"))
+    wa, wb = train_interrupt_resume(mc, train_cfg(corpus, max_steps=6, eval_every=3), tmp_path)
     keys = [k for k in wa if k.startswith("altup.coefs.")]
     assert keys and all(torch.equal(wa[k], wb[k]) for k in keys)
     if altup.get("coefficients") != "gemma":

@@ -564,7 +564,7 @@ def _memory_cuda(bench: _Bench) -> int:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -665,7 +665,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "time_ratio": None, "speedup": None, "flop_ratio": None, "ideal_speedup": None, "efficiency": None,
         "memory_ratio": None,
         "disturbed": sum(m["disturbed"] for m in models.values()),
-        "machine": _machine(),
+        "machine": machine_info(),
         "warnings": warnings,
     }
     if len(benches) == 2:

@@ -151,3 +151,17 @@ def load_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"cannot read optimizer state from '{ck.path / OPTIM_FILE}': {e}") from None
     optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+
+
+def load_for_inference(path: str | Path) -> tuple[Checkpoint, torch.nn.Module, Any]:
+    """A run directory or checkpoint as (checkpoint, model in eval mode on the GPU if any, tokenizer or None)."""
+    from condformer.data import tokenizer_from_dict
+    from condformer.model import build_model
+
+    ck = read_checkpoint(path)
+    model = build_model(ck.model_cfg)
+    load_weights(ck, model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    tok = tokenizer_from_dict(ck.state["tokenizer"]) if "tokenizer" in ck.state else None
+    return ck, model.eval(), tok

@@ -112,19 +112,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load_for_inference(path: str):
-    import torch
+    from condformer.checkpoint import load_for_inference
 
-    from condformer.checkpoint import load_weights, read_checkpoint
-    from condformer.data import tokenizer_from_dict
-    from condformer.model import build_model
-
-    ck = read_checkpoint(path)
-    model = build_model(ck.model_cfg)
-    load_weights(ck, model)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    tok = tokenizer_from_dict(ck.state["tokenizer"]) if "tokenizer" in ck.state else None
-    return ck, model.eval(), tok
+    return load_for_inference(path)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -303,9 +303,9 @@ def _bench(cfg: StudyConfig, name: str, dense: str, mode: str, out: Path) -> dic
 
 
 def _machine() -> dict[str, Any]:
-    from condformer.bench import _machine as machine
+    from condformer.bench import machine_info
 
-    return machine()
+    return machine_info()
 
 
 # -- looking inside the trained models ------------------------------------------------------------
@@ -314,11 +314,11 @@ def _analyse(cfg: StudyConfig, name: str, out: Path) -> dict[str, Any]:
     corpus records classes (``synthetic:mixed-difficulty``)."""
     import torch
 
-    from condformer.cli import _load_for_inference
+    from condformer.checkpoint import load_for_inference
     from condformer.data import prepare_data
     from condformer.inspection import altup_coefficients, inspect_routing
 
-    ck, model, _ = _load_for_inference(str(run_dir(out, name, 0)))
+    ck, model, _ = load_for_inference(run_dir(out, name, 0))
     tcfg = ck.train_cfg
     data = prepare_data(tcfg.data, tcfg.tokenizer, tcfg.val_fraction)  # cached by the run: no re-tokenising
     tok = data.tokenizer

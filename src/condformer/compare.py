@@ -183,7 +183,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, progress: bool = True) -
     }
     results["plots"] = make_plots(results, out)
     write_json_atomic(out / "results.json", results)
-    (out / "report.md").write_text(render_report(results), encoding="utf-8")
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(render_report(results), encoding="utf-8")
+    tmp.replace(out / "report.md")  # atomic: an interrupted study never leaves half a report
     return results
 
 

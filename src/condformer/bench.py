@@ -326,7 +326,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
         def step() -> None:
             with _autocast(dtype, device):
                 out = model(x, y)
-                loss = out.loss + out.aux_loss
+                loss = out.train_loss
             loss.backward()
             adamw.step()
             adamw.zero_grad(set_to_none=True)

@@ -39,6 +39,15 @@ class LayerKV:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end], self.valid[:, :end]
 
+    def truncate_after(self, max_pos: int) -> None:
+        """Drop the entries after position ``max_pos`` (rejected speculative tokens).
+
+        Needs one row whose entries are in position order, as they are when one sequence is decoded.
+        """
+        if self.pos.shape[0] != 1:
+            raise RuntimeError("truncate_after needs a cache of one sequence")
+        self.length = int((self.pos[0, : self.length] <= max_pos).sum())
+
 
 class KVCache:
     """One :class:`LayerKV` per layer, sized for ``capacity`` tokens per sequence."""
@@ -47,6 +56,11 @@ class KVCache:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         device = torch.device(device)
         self.layers = [LayerKV(batch, n_heads, head_dim, capacity, device, dtype) for _ in range(n_layers)]
+
+    def truncate_after(self, max_pos: int) -> None:
+        """Forget every layer's entries after position ``max_pos`` (one sequence)."""
+        for layer in self.layers:
+            layer.truncate_after(max_pos)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, capacity: int) -> KVCache:

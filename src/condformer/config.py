@@ -100,6 +100,95 @@ class AltUpConfig:
                               "standard embedding; set tie_embeddings=false or use output 'concat'")
 
 
+@dataclass
+class ExitConfig:
+    """Depth-adaptive Transformer (Elbayad et al. 2020) with CALM's confidences and LayerSkip's training.
+
+    Exit classifiers after chosen layers let a token stop early; the last layer's exit is the model's own
+    final norm and head. See :mod:`condformer.routing.early_exit`.
+
+    layers: 0-based indices of the layers followed by an exit (the last layer always is); null: every layer.
+    head: ``shared`` (the LM head, with one norm per exit) or ``separate`` (one norm and head per exit).
+    training: ``aligned`` (every token through every layer; loss = weighted mean of the exits' losses) or
+        ``mixed`` (``mixed_samples`` random exit sequences per batch, exited states copied upward).
+    weights: ``uniform``, ``increasing`` (w_n = the exit's depth) or one number per exit.
+    layer_dropout: LayerSkip's p_max: in training, a sample skips layer l with p_max (2^(l/(L-1)) - 1).
+    halting: ``none`` (confidence exits), ``sequence`` (one depth per sequence from its mean first-layer
+        state), ``token`` (a depth per token from its first-layer state) or ``geometric`` (a halting
+        probability at every exit; stop at the first above ``halting_tau``).
+    oracle: the halting module's target: ``likelihood``, ``smoothed`` (log-likelihoods averaged over
+        neighbouring positions with an RBF kernel of width ``oracle_sigma``), ``correctness`` or
+        ``smoothed_correctness``; each penalised by ``oracle_lambda`` x depth.
+    halting_alpha: weight of the halting loss. halting_detach: the halting module reads detached states.
+    confidence: ``softmax`` (max probability), ``gap`` (top-1 minus top-2 probability) or ``cosine`` (of the
+        states before and after the layer). thresholds: one per exit except the last (a token exits at the
+        first exit whose confidence exceeds its threshold); null: full depth (set by ``condformer calibrate``).
+    """
+
+    layers: list[int] | None = None
+    head: str = "shared"
+    training: str = "aligned"
+    weights: str | list[float] = "uniform"
+    mixed_samples: int = 1
+    layer_dropout: float = 0.0
+    halting: str = "none"
+    oracle: str = "likelihood"
+    oracle_lambda: float = 0.0
+    oracle_sigma: float = 1.0
+    halting_alpha: float = 0.1
+    halting_detach: bool = True
+    halting_tau: float = 0.5
+    confidence: str = "softmax"
+    thresholds: list[float] | None = None
+
+    def exit_layers(self, n_layers: int) -> list[int]:
+        """Sorted 0-based layer indices with an exit, the last layer included."""
+        chosen = range(n_layers) if self.layers is None else self.layers
+        return sorted(set(chosen) | {n_layers - 1})
+
+    def validate(self, model: ModelConfig) -> None:
+        n = model.n_layers
+        if self.layers is not None:
+            bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+            if bad:
+                raise ConfigError(f"exits.layers must hold layer indices in [0, {n - 1}], got {bad}")
+        n_exits = len(self.exit_layers(n))
+        _choice(self.head, ("shared", "separate"), "exits.head")
+        _choice(self.training, ("aligned", "mixed"), "exits.training")
+        if isinstance(self.weights, str):
+            _choice(self.weights, ("uniform", "increasing"), "exits.weights")
+        elif (len(self.weights) != n_exits or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
+                                                  for w in self.weights) or not sum(self.weights) > 0):
+            raise ConfigError(f"exits.weights must be 'uniform', 'increasing' or {n_exits} numbers >= 0 (one per "
+                              f"exit, the last layer's included) with a positive sum, got {self.weights}")
+        if isinstance(self.mixed_samples, bool) or not isinstance(self.mixed_samples, int) or self.mixed_samples < 1:
+            raise ConfigError(f"exits.mixed_samples must be an integer >= 1, got {self.mixed_samples!r}")
+        if not 0 <= self.layer_dropout < 1:
+            raise ConfigError(f"exits.layer_dropout (LayerSkip's p_max) must be in [0, 1), got {self.layer_dropout}")
+        _choice(self.halting, ("none", "sequence", "token", "geometric"), "exits.halting")
+        _choice(self.oracle, ("likelihood", "smoothed", "correctness", "smoothed_correctness"), "exits.oracle")
+        if self.oracle_lambda < 0 or not self.oracle_sigma > 0 or self.halting_alpha < 0:
+            raise ConfigError("exits.oracle_lambda and exits.halting_alpha must be >= 0 and exits.oracle_sigma > 0")
+        if not 0 < self.halting_tau < 1:
+            raise ConfigError(f"exits.halting_tau must be in (0, 1), got {self.halting_tau}")
+        _choice(self.confidence, ("softmax", "gap", "cosine"), "exits.confidence")
+        if self.thresholds is not None:
+            t = self.thresholds
+            if len(t) != n_exits - 1 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in t):
+                raise ConfigError(f"exits.thresholds must be {n_exits - 1} numbers (one per exit before the last "
+                                  f"layer) or null for full depth, got {t}")
+        if self.halting != "none" and self.thresholds is not None:
+            raise ConfigError("exits.thresholds are for confidence exits; with exits.halting set, the halting "
+                              "module decides the depth: set thresholds to null or halting to 'none'")
+        if n_exits < 2:
+            raise ConfigError("exits need at least one exit before the last layer; list layers in exits.layers")
+        if model.altup is not None:
+            raise ConfigError("exits and altup cannot be combined yet: an exit would read one of AltUp's K blocks; "
+                              "drop one of them")
+        if model.kind != "decoder":
+            raise ConfigError("exits need a decoder (kind: decoder); early exit is a generation technique")
+
+
 ALTUP_VARIANTS = ("standard", "recycled")
 ALTUP_OUTPUTS = ("auto", "concat", "mean", "sum")
 
@@ -129,11 +218,14 @@ class ModelConfig:
     init_std: float = 0.02
     layers: list[LayerSpec] = field(default_factory=lambda: [LayerSpec()])
     altup: AltUpConfig | None = None  # None: the ordinary d-wide residual stream
+    exits: ExitConfig | None = None  # None: no early exits (every token through every layer)
 
     def __post_init__(self) -> None:
         self.layers = [s if isinstance(s, LayerSpec) else LayerSpec.from_dict(s) for s in self.layers]
         if self.altup is not None and not isinstance(self.altup, AltUpConfig):
             self.altup = _from_dict(AltUpConfig, self.altup, "model.altup")
+        if self.exits is not None and not isinstance(self.exits, ExitConfig):
+            self.exits = _from_dict(ExitConfig, self.exits, "model.exits")
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -199,6 +291,8 @@ class ModelConfig:
             )
         if self.altup is not None:
             self.altup.validate(self)
+        if self.exits is not None:
+            self.exits.validate(self)
         for i, spec in enumerate(self.layer_specs()):
             _choice(spec.block, BLOCKS.names(), f"layers[{i}].block")
             _choice(spec.router, ROUTERS.names(), f"layers[{i}].router")

@@ -82,6 +82,16 @@ class Context:
     def kv(self) -> LayerKV | None:
         return None if self.cache is None else self.cache.layers[self.layer]
 
+    def rows(self, idx_B: torch.Tensor) -> Context:
+        """The context of a subset of the batch's rows (per-sample layer dropout); no cache."""
+        if self.cache is not None:
+            raise ValueError("a row subset cannot share a KV cache")
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, idx_B)
+
+        return dataclasses.replace(self, positions_BT=self.positions_BT.index_select(0, idx_B),
+                                   valid_BT=pick(self.valid_BT), tokens_BT=pick(self.tokens_BT))
+
     def subset(self, idx_BK: torch.Tensor, *, keep_BK: torch.Tensor | None = None,
                ascending: bool = False) -> Context:
         """The context of a gathered subset of tokens (original positions and validity kept).

@@ -89,6 +89,13 @@ def count_flops(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> Flo
     per_layer = [layer_forward_flops(cfg, i, seq_len) for i in range(cfg.n_layers)]
     head = head_forward_flops(cfg, seq_len)
     forward = sum(per_layer) + head
+    if cfg.exits is not None:
+        from condformer.routing.early_exit import EarlyExit
+
+        if training and cfg.exits.training == "mixed":  # M passes, each with one head matmul per token
+            forward = cfg.exits.mixed_samples * forward
+        else:  # every exit's head (an upper bound at inference, where tokens stop at their exit)
+            forward += EarlyExit.flops(cfg, seq_len, training)
     import torch
 
     with torch.device("meta"):  # parameter counts without allocating memory

@@ -39,10 +39,14 @@ class SamplingConfig:
 
 def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from the last-position logits."""
-    logits_BV = logits_BV.float()
     if cfg.greedy:
-        return logits_BV.argmax(dim=-1)
-    logits_BV = logits_BV / cfg.temperature
+        return logits_BV.float().argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits_BV, cfg), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits_BV: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution sampling draws from (B, V): temperature, then top-k and top-p truncation."""
+    logits_BV = logits_BV.to(torch.promote_types(logits_BV.dtype, torch.float32)) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits_BV.shape[-1]:
         kth = logits_BV.topk(cfg.top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
@@ -53,8 +57,7 @@ def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, generator: torch.G
         drop_sorted = probs.cumsum(dim=-1) - probs >= cfg.top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits_BV = logits_BV.masked_fill(drop, float("-inf"))
-    probs = logits_BV.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits_BV.softmax(dim=-1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -80,14 +83,26 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
+    speculative: int | None = None,
+    draft_tokens: int = 4,
+    stats: dict | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``cfg.max_new_tokens`` tokens; return only the new tokens.
 
     ``on_tokens`` receives each step's sampled tokens (B,) as they are produced, for streaming.
+    A model with early exits and thresholds (or a halting module) stops each token at its exit
+    (:class:`~condformer.routing.early_exit.ExitDecoder`). ``speculative=E``: self-speculative decoding,
+    drafting ``draft_tokens`` tokens at a time with the first E layers (:mod:`condformer.speculative`).
+    ``stats``, when given, receives the run's exit depths or acceptance counts.
     """
     cfg.validate()
     if not model.cfg.causal:
         raise CondformerError("generation needs a decoder; this checkpoint is an encoder (masked LM)")
+    if speculative is not None:
+        from condformer.speculative import generate_speculative
+
+        return generate_speculative(model, prompts, cfg, speculative, draft_tokens, pad_id=pad_id,
+                                    generator=generator, on_tokens=on_tokens, stats=stats)
     device = next(model.parameters()).device
     tokens, positions, valid = left_pad(prompts, pad_id, device)
     B, T = tokens.shape
@@ -100,12 +115,21 @@ def generate(
     was_training = model.training
     model.eval()
     cache = KVCache.for_model(model, B, T + cfg.max_new_tokens)
-    out = model(tokens, positions_BT=positions, valid_BT=None if bool(valid.all()) else valid, cache=cache)
+    exits = getattr(model, "exits", None)
+    decoder = None
+    if exits is not None and exits.policy() != "full":
+        from condformer.routing.early_exit import ExitDecoder
+
+        decoder = ExitDecoder(model)
+        last = decoder.prefill(tokens, positions, None if bool(valid.all()) else valid, cache)
+    else:
+        out = model(tokens, positions_BT=positions, valid_BT=None if bool(valid.all()) else valid, cache=cache)
+        last = out.logits[:, -1]
     next_pos = positions[:, -1:] + 1
     new: list[torch.Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(cfg.max_new_tokens):
-        tok = sample_next(out.logits[:, -1], cfg, generator)
+        tok = sample_next(last, cfg, generator)
         new.append(tok)
         if on_tokens is not None:
             on_tokens(tok)
@@ -115,9 +139,16 @@ def generate(
                 break
         if len(new) == cfg.max_new_tokens:
             break
-        out = model(tok[:, None], positions_BT=next_pos, cache=cache)
+        if decoder is not None:
+            last = decoder.step(tok, next_pos, cache)
+        else:
+            last = model(tok[:, None], positions_BT=next_pos, cache=cache).logits[:, -1]
         next_pos = next_pos + 1
     model.train(was_training)
+    if stats is not None and decoder is not None:
+        stats["exit_depths"] = list(decoder.stats.depths)
+        stats["exit_mean_depth"] = decoder.stats.mean_depth
+        stats["exit_histogram"] = decoder.stats.histogram(model.cfg.n_layers)
     result = torch.stack(new, dim=1).tolist()
     if cfg.eos_id is not None:  # cut each sequence after its first eos
         result = [row[: row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row for row in result]

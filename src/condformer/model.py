@@ -18,6 +18,7 @@ from condformer.context import Context, Tally
 from condformer.layers.norms import make_norm
 from condformer.registry import BLOCKS, ROUTERS
 from condformer.routing.altup import AltUp
+from condformer.routing.early_exit import EarlyExit
 
 IGNORE_INDEX = -100  # targets with this value (padding, unmasked MLM positions) carry no loss
 
@@ -30,6 +31,8 @@ class Output:
     aux_loss: sum of the auxiliary losses layers added (a zero scalar when none).
     aux_losses: each auxiliary loss by name. stats: routing statistics by ``layer{L}/{name}`` (tensors).
     traces: per-token tensors by ``layer{L}/{name}`` (e.g. routing decisions), only with ``trace=True``.
+    objective: what training minimises instead of ``loss`` when they differ (early exits: the weighted mean of
+        every exit's loss, while ``loss`` stays the last layer's); None when it is ``loss``.
     """
 
     logits: torch.Tensor
@@ -38,6 +41,12 @@ class Output:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor | float] = field(default_factory=dict)
     traces: dict[str, torch.Tensor] = field(default_factory=dict)
+    objective: torch.Tensor | None = None
+
+    @property
+    def train_loss(self) -> torch.Tensor:
+        """The scalar a trainer backpropagates: the objective (or loss) plus the auxiliary losses."""
+        return (self.loss if self.objective is None else self.objective) + self.aux_loss
 
 
 def build_layer(cfg: ModelConfig, layer_index: int) -> nn.Module:
@@ -72,6 +81,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(build_layer(cfg, i) for i in range(cfg.n_layers))
         # the one stream-level technique: AltUp keeps K d-wide blocks around the same layers
         self.altup = AltUp(cfg) if cfg.altup is not None else None
+        # depth-adaptive: exit heads after chosen layers and the exit-aware layer loop
+        self.exits = EarlyExit(cfg) if cfg.exits is not None else None
         self.final_norm = make_norm(cfg.norm, cfg.head_in_dim, cfg.norm_eps)
         self.mlm_head = MLMHead(cfg) if cfg.kind == "encoder" else None
         self.head = nn.Linear(cfg.head_in_dim, cfg.vocab_size, bias=False)
@@ -89,14 +100,23 @@ class Transformer(nn.Module):
         valid_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         trace: bool = False,
+        exit_depth_BT: torch.Tensor | None = None,
     ) -> Output:
         """Run the model. ``positions_BT`` defaults to 0..T-1; ``valid_BT`` marks padding as False.
 
         ``trace=True`` also returns per-token traces (routing decisions, ...) in ``Output.traces``.
+        ``exit_depth_BT`` (models with exits): the number of layers each token computes, fixed by the caller.
         """
         ctx = self._context(tokens_BT, positions_BT, valid_BT, cache)
         ctx.tally.tracing = trace
         h = self.embed(tokens_BT)
+        if self.exits is not None:
+            r = self.exits(self, h, ctx, targets_BT, exit_depth_BT)
+            tally = ctx.tally
+            return Output(r.logits, r.loss, tally.total(r.logits), dict(tally.losses), dict(tally.stats),
+                          dict(tally.traces), r.objective)
+        if exit_depth_BT is not None:
+            raise ValueError("exit_depth_BT needs a model with exits (ModelConfig.exits)")
         if self.altup is not None:
             h = self.altup(h, self.layers, ctx)
         else:

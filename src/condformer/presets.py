@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from condformer.config import AltUpConfig, LayerSpec, ModelConfig, every_other
+from condformer.config import AltUpConfig, ExitConfig, LayerSpec, ModelConfig, every_other
 from condformer.errors import ConfigError
 
 SIZES: dict[str, dict] = {
@@ -75,6 +75,13 @@ def _altup(dims: dict, variant: str) -> ModelConfig:
     return ModelConfig(**dims, altup=AltUpConfig(k=2, variant=variant))
 
 
+def _exit(dims: dict) -> ModelConfig:
+    """Depth-adaptive (Elbayad et al. 2020; LayerSkip's shared head): an exit after every layer, one shared
+    LM head with a norm per exit, aligned training with uniform weights, softmax-confidence exits whose
+    thresholds ``condformer calibrate`` sets (until then: full depth)."""
+    return ModelConfig(**dims, exits=ExitConfig())
+
+
 def _blocks(dims: dict, block: str, kind: str = "decoder") -> ModelConfig:
     """Every layer the same block type (He & Hofmann 2024): parallel, sas or sasp; encoders for BERT-style MLM."""
     return ModelConfig(**dims, kind=kind, layers=[LayerSpec(block=block)])
@@ -95,3 +102,4 @@ for _size, _dims in SIZES.items():
     register_preset(f"{_size}-mode-staged", lambda d=_dims: _mode_staged(d))
     register_preset(f"{_size}-altup", lambda d=_dims: _altup(d, "standard"))
     register_preset(f"{_size}-raltup", lambda d=_dims: _altup(d, "recycled"))
+    register_preset(f"{_size}-exit", lambda d=_dims: _exit(d))

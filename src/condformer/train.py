@@ -319,8 +319,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
                 sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
                 with sync, _autocast(cfg, device):
                     o = model(x.to(device), y.to(device))
-                    loss = o.loss + o.aux_loss
-                    (loss / cfg.grad_accum).backward()
+                    (o.train_loss / cfg.grad_accum).backward()
                 loss_sum += o.loss.detach().float() / cfg.grad_accum
                 for k, v in o.stats.items():
                     stat_acc[k] = stat_acc.get(k, 0) + (v.float() if isinstance(v, torch.Tensor) else v)

@@ -55,6 +55,12 @@ class SelfAttention(nn.Module):
         y = self.attend(q, k, v, ctx)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
+    def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
+        """Only the keys and values of ``x`` into the layer's cache (no query, no output): an exited token's."""
+        B, T, D = x_BTD.shape
+        k, v = F.linear(x_BTD, self.qkv.weight[D:]).view(B, T, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        ctx.kv.append(self.rotary(k, ctx.positions_BT), v, ctx.positions_BT, ctx.valid_BT)
+
     @staticmethod
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
         """SDPA over this step's keys plus the layer's cached ones; fused causal path when possible."""

@@ -37,6 +37,10 @@ class PreLNBlock(nn.Module):
         a = self.attn(self.pre_attn_norm(x_BTD), ctx)
         return a + self.ffn(self.pre_ffn_norm(x_BTD + a), ctx)
 
+    def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
+        """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""
+        self.attn.append_kv(self.pre_attn_norm(x_BTD), ctx)
+
     @staticmethod
     def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
         check_block_norm_option(spec, i)

@@ -77,6 +77,13 @@ class ShapedAttention(nn.Module):
         y = torch.addcmul(y, attended_BHTd.transpose(1, 2), self.beta.view(per_head))
         return y.reshape(B, T, D)
 
+    def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
+        """Only the keys and values of ``x`` into the layer's cache (W_V = I: the values are ``x`` itself)."""
+        B, T, D = x_BTD.shape
+        k = F.linear(x_BTD, self.qk.weight[D:]).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = x_BTD.view(B, T, self.n_heads, self.head_dim).to(k.dtype).transpose(1, 2)
+        ctx.kv.append(self.rotary(k, ctx.positions_BT), v, ctx.positions_BT, ctx.valid_BT)
+
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
                 x_BTHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

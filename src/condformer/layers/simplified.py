@@ -60,6 +60,10 @@ class ParallelBlock(nn.Module):
         z = self.norm(x_BTD)
         return self.attn(z, ctx) + self.ffn(z, ctx)
 
+    def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
+        """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""
+        self.attn.append_kv(self.norm(x_BTD), ctx)
+
     @staticmethod
     def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
         validate_block_options(spec, cfg, i, ParallelBlock.options)
@@ -80,6 +84,10 @@ class _ShapedBlock(nn.Module):
         self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
         self.beta_ff = nn.Parameter(torch.tensor(float(_opt(spec, "beta_ff"))))
         self.beta_sa = nn.Parameter(torch.tensor(float(_opt(spec, "beta_sa"))))
+
+    def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
+        """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""
+        self.attn.append_kv(self.norm1(x_BTD), ctx)
 
     @staticmethod
     def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:

@@ -23,6 +23,10 @@ class DenseRouter(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
         return x_BTD + self.block(x_BTD, ctx)
 
+    def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
+        """Only the block's keys and values for ``x`` (tokens that exited below this layer)."""
+        self.block.append_kv(x_BTD, ctx)
+
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, seq_len: int, block_flops) -> int:
         """Forward FLOPs of the layer for one sequence of ``seq_len`` tokens."""

@@ -152,24 +152,43 @@ class MoDRouter(nn.Module):
         ctx.tally.stat(ctx.layer, "mod_routed_frac", k / T)
         return self._update_chosen(x_BTD, r_BT, idx_BK, ctx.subset(idx_BK, ascending=True))
 
-    def _forward_causal(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def _causal_selection(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context,
+                          record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, Context] | None:
+        """The tokens the causal decisions send through, as (idx_BK, keep_BK, their context); None if none."""
         B, T, _ = x_BTD.shape
         route_BT = self.causal_logits(x_BTD, r_BT) > 0
         if ctx.valid_BT is not None:
             route_BT = route_BT & ctx.valid_BT
         counts_B = route_BT.sum(dim=1)
-        n_valid = T * B if ctx.valid_BT is None else ctx.valid_BT.sum()
-        ctx.tally.stat(ctx.layer, "mod_routed_frac", counts_B.sum() / n_valid)
-        ctx.tally.trace(ctx.layer, "mod_routed", route_BT)
+        if record:
+            n_valid = T * B if ctx.valid_BT is None else ctx.valid_BT.sum()
+            ctx.tally.stat(ctx.layer, "mod_routed_frac", counts_B.sum() / n_valid)
+            ctx.tally.trace(ctx.layer, "mod_routed", route_BT)
         n = int(counts_B.max())  # the one host sync: how many tokens the fullest row sends through
         if n == 0:
-            return x_BTD  # nobody gets the block: no compute, nothing cached
+            return None  # nobody gets the block: no compute, nothing cached
         # routed tokens first (earliest first), then fillers; a row of B == 1 has no fillers
         order_BT = route_BT.to(torch.long) * (2 * T) - torch.arange(T, device=x_BTD.device)
         idx_BK = order_BT.topk(n, dim=1).indices.sort(dim=1).values
         keep_BK = None if B == 1 else route_BT.gather(1, idx_BK)
-        sub = ctx.subset(idx_BK, keep_BK=keep_BK, ascending=True)
+        return idx_BK, keep_BK, ctx.subset(idx_BK, keep_BK=keep_BK, ascending=True)
+
+    def _forward_causal(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context) -> torch.Tensor:
+        chosen = self._causal_selection(x_BTD, r_BT, ctx)
+        if chosen is None:
+            return x_BTD
+        idx_BK, keep_BK, sub = chosen
         return self._update_chosen(x_BTD, r_BT, idx_BK, sub, keep_BK)
+
+    def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
+        """Keys and values of the tokens the causal decisions route, computed from ``x`` (exited tokens)."""
+        if self.use_topk():
+            raise ConfigError(f"MoD layer {self.layer_index} routes by top-k, which cannot decode with a KV cache; "
+                              f"use eval_routing='causal'")
+        chosen = self._causal_selection(x_BTD, self.router_logits(x_BTD), ctx, record=False)
+        if chosen is not None:
+            idx_BK, _, sub = chosen
+            self.block.append_kv(x_BTD.gather(1, idx_BK[..., None].expand(-1, -1, x_BTD.shape[-1])), sub)
 
     # -- causal routing for sampling ---------------------------------------------------------
     def _learn_causal_decision(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, idx_BK: torch.Tensor,

@@ -74,6 +74,11 @@ class BenchConfig:
     # "causal" times their learned per-token decisions (meaningful for trained weights only)
     eval_routing: str = "topk"
     data: str | None = None  # None: random tokens; a corpus spec ("stdlib", PATH): real text from its val split
+    # generate mode, model A only (the baseline always decodes plainly, at full depth): early-exit confidence
+    # thresholds (None: A's configured/calibrated ones), or self-speculative decoding with a draft of E layers
+    exit_threshold: float | list[float] | None = None
+    speculative: int | None = None
+    draft_tokens: int = 4
 
     def validate(self) -> BenchConfig:
         """Check the fields that do not depend on the models; one-line :class:`ConfigError` otherwise."""
@@ -91,8 +96,13 @@ class BenchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        if self.mode != "generate" and (self.exit_threshold is not None or self.speculative is not None):
+            raise ConfigError("--exit-threshold and --speculative time generation; use --mode generate")
+        if self.exit_threshold is not None and self.speculative is not None:
+            raise ConfigError("--speculative verifies every token at full depth; it takes no --exit-threshold")
         if self.mode == "generate":
             _check_int(self, "new_tokens", minimum=1)
+            _check_int(self, "draft_tokens", minimum=1)
             if self.new_tokens >= self.seq_len:
                 raise ConfigError(
                     f"new_tokens ({self.new_tokens}) must be < seq_len ({self.seq_len}) in generate mode: the "
@@ -208,6 +218,7 @@ class _Bench:
     device: torch.device
     optimizer: torch.optim.Optimizer | None = None  # train mode: the memory probe pre-allocates its state
     checkpoint: str | None = None  # weights loaded from this checkpoint (else the bench seed's init)
+    baseline: bool = False  # model B: generate mode decodes it plainly at full depth
 
 
 @dataclass
@@ -292,7 +303,8 @@ def _make_inputs(cfg: BenchConfig, vocab: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: torch.device,
-           tokens: torch.Tensor, targets: torch.Tensor, checkpoint: str | None = None) -> _Bench:
+           tokens: torch.Tensor, targets: torch.Tensor, checkpoint: str | None = None,
+           baseline: bool = False) -> _Bench:
     """Build a model with the bench seed (so A and B start from the same RNG state) and its op."""
     from condformer.generate import SamplingConfig, generate
     from condformer.optim import make_optimizer
@@ -335,16 +347,25 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
         model.eval()
         prompts = tokens[:, : cfg.seq_len - cfg.new_tokens].tolist()
         sampling = SamplingConfig(max_new_tokens=cfg.new_tokens, greedy=True)
+        speculative = None if baseline else cfg.speculative
+        if getattr(model, "exits", None) is not None and model.exits.halting is None:
+            from condformer.routing.early_exit import set_exit_thresholds
 
-        def step() -> None:
+            if baseline:  # the baseline decodes at full depth
+                set_exit_thresholds(model, None)
+            elif cfg.exit_threshold is not None:
+                set_exit_thresholds(model, cfg.exit_threshold)
+
+        def step(stats: dict | None = None) -> None:
             with _autocast(dtype, device):
-                generate(model, prompts, sampling, pad_id=0)
+                generate(model, prompts, sampling, pad_id=0, speculative=speculative, draft_tokens=cfg.draft_tokens,
+                         stats=stats)
 
     def sync() -> None:  # the op's device, not merely the current one
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    return _Bench(key, label, mcfg, model, step, sync, device, opt, checkpoint)
+    return _Bench(key, label, mcfg, model, step, sync, device, opt, checkpoint, baseline)
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -495,7 +516,7 @@ def _prepare_optimizer_state(bench: _Bench) -> None:
 
 
 def _memory_child(conn: Any, cfg_dict: dict, bench_cfg: BenchConfig, vocab: int, threads: int,
-                  checkpoint: str | None = None) -> None:
+                  checkpoint: str | None = None, baseline: bool = False) -> None:
     """Runs in a fresh process: peak extra resident memory of one iteration of the op (bytes).
 
     The baseline is taken right before the iteration (after building the model, its inputs and, in
@@ -511,7 +532,8 @@ def _memory_child(conn: Any, cfg_dict: dict, bench_cfg: BenchConfig, vocab: int,
         torch.set_num_threads(threads)
         mcfg = ModelConfig.from_dict(cfg_dict)
         tokens, targets = _make_inputs(bench_cfg, vocab)  # the parent's inputs, drawn the same way
-        bench = _build("child", mcfg.name, mcfg, bench_cfg, torch.device("cpu"), tokens, targets, checkpoint)
+        bench = _build("child", mcfg.name, mcfg, bench_cfg, torch.device("cpu"), tokens, targets, checkpoint,
+                       baseline)
         _prepare_optimizer_state(bench)
         gc.collect()
         before, method = _peak_rss_bytes(reset=True)
@@ -533,7 +555,8 @@ def _memory_subprocess(bench: _Bench, cfg: BenchConfig, vocab: int) -> tuple[int
         ctx = multiprocessing.get_context("spawn")
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_memory_child, args=(send, bench.cfg.to_dict(), child_cfg, vocab,
-                                                       torch.get_num_threads(), bench.checkpoint), daemon=True)
+                                                       torch.get_num_threads(), bench.checkpoint, bench.baseline),
+                               daemon=True)
         proc.start()
         send.close()  # so that recv sees EOF if the child dies without answering
         try:
@@ -599,7 +622,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     specs = _resolve_models(cfg)
     vocab = min(m.vocab_size for _, _, m, _ in specs)
     tokens, targets = _make_inputs(cfg, vocab)
-    benches = [_build(key, label, mcfg, cfg, device, tokens, targets, ck) for key, label, mcfg, ck in specs]
+    benches = [_build(key, label, mcfg, cfg, device, tokens, targets, ck, baseline=i == 1)
+               for i, (key, label, mcfg, ck) in enumerate(specs)]
 
     for b in benches:  # warm-up: allocator growth, kernel selection and lazy init stay out of the timings
         for _ in range(cfg.warmup):
@@ -654,6 +678,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "config": b.cfg.to_dict(),
             "checkpoint": b.checkpoint,
             "stats": _routing_stats(b, cfg, tokens),
+            "generation": _generation_stats(b, cfg),
         }
 
     result: dict[str, Any] = {
@@ -674,11 +699,23 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         result["speedup"] = b["median_s"] / a["median_s"] if a["median_s"] > 0 else None
         result["flop_ratio"] = a["flops_per_iter"] / b["flops_per_iter"]
         result["ideal_speedup"] = 1 / result["flop_ratio"]
-        if result["speedup"] is not None:
+        if a["generation"]:  # data-dependent depth: the analytic (full-depth) FLOPs do not bound the speed
+            result["flop_ratio"] = result["ideal_speedup"] = None
+        if result["speedup"] is not None and result["ideal_speedup"] is not None:
             result["efficiency"] = result["speedup"] / result["ideal_speedup"]
         if a["peak_memory_bytes"] is not None and b["peak_memory_bytes"]:
             result["memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
     return result
+
+
+def _generation_stats(bench: _Bench, cfg: BenchConfig) -> dict[str, Any]:
+    """Generate mode with early exits or speculation: one more run's mean depth or acceptance; else empty."""
+    if cfg.mode != "generate":
+        return {}
+    stats: dict[str, Any] = {}
+    bench.step(stats)
+    stats.pop("exit_depths", None)
+    return stats
 
 
 def _routing_stats(bench: _Bench, cfg: BenchConfig, tokens: torch.Tensor) -> dict[str, float]:
@@ -754,7 +791,7 @@ def format_bench(result: dict[str, Any]) -> str:
     if result["time_ratio"] is not None:
         lines.append(
             f"time ratio A/B = {result['time_ratio']:.2f} (speedup {result['speedup']:.2f}x), "
-            f"FLOP ratio {result['flop_ratio']:.2f}, efficiency {_fmt(result['efficiency'], '.2f')} of ideal; "
+            f"FLOP ratio {_fmt(result['flop_ratio'], '.2f')}, efficiency {_fmt(result['efficiency'], '.2f')} of ideal; "
             f"{n} disturbed measurements"
         )
         if result["memory_ratio"] is not None:
@@ -770,5 +807,12 @@ def format_bench(result: dict[str, Any]) -> str:
         if dropped is not None:
             busiest = "" if load is None else f", busiest expert at {load:.2f}x the balanced load"
             lines.append(f"{name}: MoE layers drop {dropped:.1%} of expert assignments{busiest}")
+        gen = result["models"][name].get("generation") or {}
+        if gen.get("exit_mean_depth") is not None:
+            lines.append(f"{name}: early exit at mean depth {gen['exit_mean_depth']:.2f} of "
+                         f"{len(gen['exit_histogram'])} layers (tokens per depth {gen['exit_histogram']})")
+        if gen.get("acceptance_rate") is not None:
+            lines.append(f"{name}: self-speculative, {gen['acceptance_rate']:.1%} of drafts accepted, "
+                         f"{gen['tokens_per_round']:.2f} tokens per full-depth pass")
     lines.extend(f"warning: {w}" for w in result.get("warnings", []))
     return "\n".join(lines)

@@ -128,6 +128,24 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(ck, model_cfg, train_cfg, state)
 
 
+def update_model_config(ck: Checkpoint, model_cfg: ModelConfig) -> None:
+    """Replace the model config stored with a checkpoint (e.g. calibrated exit thresholds), atomically.
+
+    The run's ``config.json`` beside ``checkpoints/`` is updated too when it exists, so a resumed run or a
+    later ``generate`` sees the same config. The weights are untouched.
+    """
+    model_cfg.validate()
+    state = json.loads((ck.path / STATE_FILE).read_text(encoding="utf-8"))
+    state["model"] = model_cfg.to_dict()
+    write_json_atomic(ck.path / STATE_FILE, state)
+    run_config = ck.path.parent.parent / "config.json"
+    if ck.path.parent.name == "checkpoints" and run_config.is_file():
+        run = json.loads(run_config.read_text(encoding="utf-8"))
+        run["model"] = model_cfg.to_dict()
+        write_json_atomic(run_config, run)
+    ck.model_cfg = model_cfg
+
+
 def load_weights(ck: Checkpoint, model: torch.nn.Module) -> None:
     try:
         missing, unexpected = load_model(model, str(ck.path / MODEL_FILE), strict=False, device="cpu")

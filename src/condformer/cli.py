@@ -142,13 +142,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, human, {"checkpoint": str(ck.path), "step": ck.state["step"], **m, "data": data.fingerprint})
 
 
+def parse_thresholds(text: str) -> float | list[float]:
+    """``--exit-threshold``: one number for every exit, or a comma-separated number per exit."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--exit-threshold takes a number or comma-separated numbers, got '{text}'") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperature: float, top_k: int | None,
-                   top_p: float | None, seed: int, stream: bool) -> str:
+                   top_p: float | None, seed: int, stream: bool, exit_threshold: str | None = None,
+                   speculative: int | None = None, draft_tokens: int = 4, stats: dict | None = None) -> str:
     import torch
 
     from condformer.generate import SamplingConfig, generate
 
     ck, model, tok = _load_for_inference(path)
+    if exit_threshold is not None:
+        from condformer.routing.early_exit import set_exit_thresholds
+
+        set_exit_thresholds(model, parse_thresholds(exit_threshold))
     if tok is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot decode text")
     ids = tok.encode(prompt)
@@ -170,7 +184,8 @@ def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperatu
             printed[0] = len(text)
 
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    generate(model, [ids], sampling, pad_id=tok.pad_id, generator=gen, on_tokens=on_tokens)
+    generate(model, [ids], sampling, pad_id=tok.pad_id, generator=gen, on_tokens=on_tokens, speculative=speculative,
+             draft_tokens=draft_tokens, stats=stats)
     text = tok.decode([i for i in new_ids if i != tok.eos_id])
     if stream:
         sys.stdout.write(text[printed[0]:] + "\n")
@@ -181,12 +196,60 @@ def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperatu
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None):
         raise ConfigError("--greedy takes no --temperature/--top-k/--top-p; drop one or the other")
+    if args.speculative is not None and args.exit_threshold is not None:
+        raise ConfigError("--speculative verifies every token with the full model; it takes no --exit-threshold")
     if not args.json:
         sys.stdout.write(args.prompt)
+    stats: dict = {}
     text = _generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.greedy,
                           1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
-                          args.seed, stream=not args.json)
-    _emit(args, "", {"prompt": args.prompt, "text": text})
+                          args.seed, stream=not args.json, exit_threshold=args.exit_threshold,
+                          speculative=args.speculative, draft_tokens=args.draft_tokens, stats=stats)
+    stats.pop("exit_depths", None)
+    if stats and not args.json:
+        if stats.get("exit_mean_depth") is not None:
+            print(f"[early exit: mean depth {stats['exit_mean_depth']:.2f} layers; tokens per depth "
+                  f"{stats['exit_histogram']}]", file=sys.stderr)
+        if stats.get("acceptance_rate") is not None:
+            print(f"[self-speculative: {stats['accepted']}/{stats['drafted']} drafts accepted "
+                  f"({stats['acceptance_rate']:.0%}), {stats['tokens_per_round']:.2f} tokens per full pass]",
+                  file=sys.stderr)
+    _emit(args, "", {"prompt": args.prompt, "text": text, **stats})
+
+
+# -- calibrate ---------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from condformer.calibrate import calibrate, exact_quality, validation_batches
+    from condformer.checkpoint import update_model_config
+    from condformer.data import prepare_data
+
+    ck, model, tok = _load_for_inference(args.checkpoint)
+    cfg = ck.train_cfg
+    if cfg is None:
+        raise CondformerError(f"checkpoint '{ck.path}' has no training config; calibrate a run written by train")
+    if args.batches < 1:
+        raise ConfigError(f"--batches must be >= 1, got {args.batches}")
+    data = prepare_data(args.data or cfg.data, tok or cfg.tokenizer, cfg.val_fraction)
+    device = str(next(model.parameters()).device)
+    batches = validation_batches(data, ck.model_cfg, cfg, 2 * args.batches, device)
+    fit, held_out = batches[: args.batches], batches[args.batches:]
+    result = calibrate(model, fit, args.tolerance, args.metric)
+    check = exact_quality(model, held_out, result.thresholds)
+    lines = [f"{ck.path}: full depth loss {result.full_loss:.4f} on {result.tokens:,} validation tokens",
+             f"thresholds ({model.exits.spec.confidence}): "
+             + ("none meet the tolerance; full depth kept" if result.thresholds is None
+                else ", ".join(f"{t:.4f}" for t in result.thresholds)),
+             f"calibration batches: loss {result.loss:.4f} ({result.loss / result.full_loss - 1:+.2%}), "
+             f"agreement {result.agreement:.1%}, mean depth {result.mean_depth:.2f} of {result.n_layers} layers",
+             f"held-out batches:    loss {check['loss']:.4f} ({check['loss'] / check['full_loss'] - 1:+.2%}), "
+             f"agreement {check['agreement']:.1%}, mean depth {check['mean_depth']:.2f}"]
+    if not args.dry_run and result.thresholds is not None:
+        model_cfg = ck.model_cfg
+        model_cfg.exits.thresholds = result.thresholds
+        update_model_config(ck, model_cfg)
+        lines.append(f"written into {ck.path} (generate uses them by default; --exit-threshold overrides)")
+    _emit(args, "\n".join(lines), {"checkpoint": str(ck.path), **result.to_dict(), "held_out": check,
+                                   "written": not args.dry_run and result.thresholds is not None})
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -215,6 +278,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         from condformer.routing.mod import set_eval_routing
 
         set_eval_routing(model, args.eval_routing)
+    if args.exit_threshold is not None:
+        from condformer.routing.early_exit import set_exit_thresholds
+
+        set_exit_thresholds(model, parse_thresholds(args.exit_threshold))
     result = inspect_routing(model, tok, text)
     run_dir = ck.path.parent.parent if ck.path.parent.name == "checkpoints" else ck.path
     png = plot_routing(result, args.out or run_dir / "inspect.png")
@@ -226,6 +293,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         shares = " ".join(f"{x:.0%}" for x in e["shares"])
         none = f", none {e['none_frac']:.0%}" if e["none_frac"] else ""
         lines.append(f"layer {e['layer']}  {e['name']}  load per id: {shares}{none}")
+    if result.get("exits") is not None:
+        ex = result["exits"]
+        lines.append(f"early exit: mean depth {ex['mean_depth']:.2f} of {result['n_layers']} layers; tokens per "
+                     f"depth {ex['histogram']}")
     for e in result["altup"]:
         p = "; ".join(" ".join(f"{v:+.3f}" for v in row) for row in e["p"])
         g = " ".join(f"{v:+.3f}" for v in e["g"])
@@ -233,7 +304,34 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if not result["layers"] and not result["assignments"]:
         lines.append(f"no routed layers: all {result['n_layers']} layers compute all {n} tokens")
     lines.append(f"png: {png}")
-    _emit(args, "\n".join(lines), {**result, "checkpoint": str(ck.path), "png": str(png)})
+    payload = {**result, "checkpoint": str(ck.path), "png": str(png)}
+    if getattr(model, "exits", None) is not None and model.exits.halting is None and ck.train_cfg is not None:
+        payload["exit_curve"] = _exit_curve(ck, model, tok, run_dir, args, lines)
+    _emit(args, "\n".join(lines), payload)
+
+
+def _exit_curve(ck, model, tok, run_dir, args: argparse.Namespace, lines: list[str]) -> dict:  # noqa: ANN001
+    """Quality vs average depth over shared confidence thresholds, on a few validation batches."""
+    from pathlib import Path
+
+    from condformer.calibrate import depth_quality_curve, validation_batches
+    from condformer.data import prepare_data
+    from condformer.inspection import plot_exit_curve
+
+    cfg = ck.train_cfg
+    data = prepare_data(cfg.data, tok or cfg.tokenizer, cfg.val_fraction)
+    batches = validation_batches(data, ck.model_cfg, cfg, args.curve_batches, str(next(model.parameters()).device))
+    curve = depth_quality_curve(model, batches)
+    png = plot_exit_curve(curve["points"], curve["full_loss"], Path(run_dir) / "exit_curve.png",
+                          f"{ck.model_cfg.name}: loss vs average depth ({model.exits.spec.confidence} confidence)")
+    lines.append(f"quality vs average depth ({len(curve['points'])} thresholds, {curve['tokens']:,} validation "
+                 f"tokens; full depth loss {curve['full_loss']:.4f}):")
+    shown = sorted(curve["points"], key=lambda p: p["mean_depth"])
+    for p in shown[:: max(1, len(shown) // 8)]:
+        lines.append(f"  depth {p['mean_depth']:.2f}  loss {p['loss']:.4f} ({p['loss'] / curve['full_loss'] - 1:+.2%})"
+                     f"  threshold {p['threshold']:.4f}")
+    lines.append(f"curve png: {png}")
+    return {**curve, "png": str(png)}
 
 
 # -- bench -------------------------------------------------------------------------------------
@@ -242,7 +340,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     cfg = BenchConfig(preset=args.preset, vs=args.vs, mode=args.mode, seq_len=args.seq_len,
                       batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                      dtype=args.dtype, memory=not args.no_memory, eval_routing=args.eval_routing, data=args.data)
+                      dtype=args.dtype, memory=not args.no_memory, eval_routing=args.eval_routing, data=args.data,
+                      exit_threshold=None if args.exit_threshold is None else parse_thresholds(args.exit_threshold),
+                      speculative=args.speculative, draft_tokens=args.draft_tokens,
+                      **({} if args.new_tokens is None else {"new_tokens": args.new_tokens}))
     result = run_bench(cfg, progress=not args.no_progress)
     _emit(args, format_bench(result), result)
 
@@ -329,8 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--exit-threshold", metavar="P",
+                   help="early exit: a token stops at the first exit whose confidence exceeds P (one number, or one "
+                        "per exit, comma-separated); default: the checkpoint's calibrated thresholds, if any")
+    s.add_argument("--speculative", type=int, metavar="E",
+                   help="self-speculative decoding: draft with the first E layers' exit, verify with all layers")
+    s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification (--speculative)")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("calibrate", help="pick early-exit thresholds that keep quality within a tolerance")
+    s.add_argument("checkpoint", help="run directory or checkpoint directory of a model with exits")
+    s.add_argument("--tolerance", type=float, required=True,
+                   help="allowed relative loss increase (0.01 = 1%%), or share of tokens allowed to disagree with "
+                        "the full model (--metric agreement)")
+    s.add_argument("--metric", choices=["loss", "agreement"], default="loss")
+    s.add_argument("--batches", type=int, default=20,
+                   help="validation batches to calibrate on (as many others check the result)")
+    s.add_argument("--data", help="calibrate on another corpus (default: the run's)")
+    s.add_argument("--dry-run", action="store_true", help="report the thresholds without writing them")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("bench", help="time a preset against a baseline in the same process")
     s.add_argument("--preset", required=True,
@@ -347,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-routing", choices=["topk", "causal"], default="topk",
                    help="forward mode: routed layers at static capacity (topk) or by learned causal decisions")
     s.add_argument("--data", help="time on windows of this corpus (stdlib, PATH) instead of random tokens")
+    s.add_argument("--new-tokens", type=int, help="generate mode: tokens decoded per prompt (default 32)")
+    s.add_argument("--exit-threshold", metavar="P",
+                   help="generate mode: early-exit threshold(s) for --preset (default: its calibrated ones); the "
+                        "baseline --vs decodes at full depth")
+    s.add_argument("--speculative", type=int, metavar="E",
+                   help="generate mode: time --preset with self-speculative decoding (draft depth E)")
+    s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification (--speculative)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_bench)
@@ -359,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="PNG", help="PNG path (default: inspect.png in the run directory)")
     s.add_argument("--eval-routing", choices=["causal", "topk"],
                    help="routed layers: causal decisions (default, as in sampling) or training-time top-k")
+    s.add_argument("--exit-threshold", metavar="P", help="early exit: confidence threshold(s) for the text's depths")
+    s.add_argument("--curve-batches", type=int, default=4,
+                   help="exit models: validation batches for the quality vs average depth curve")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_inspect)
 

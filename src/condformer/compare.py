@@ -333,6 +333,8 @@ def _analyse(cfg: StudyConfig, name: str, out: Path) -> dict[str, Any]:
     layers: list[dict[str, Any]] = []
     for key, v in sorted(o.traces.items()):
         prefix, _, trace = key.partition("/")
+        if not prefix.startswith("layer") or not prefix[len("layer"):].isdigit():
+            continue  # not a per-layer trace (e.g. early exit's per-token depth)
         layer = int(prefix[len("layer"):])
         if v.dtype == torch.bool and v.dim() == 2:
             computed = v.float().cpu()

@@ -29,7 +29,7 @@ from torch import nn
 from condformer.data import ByteTokenizer, Tokenizer
 from condformer.errors import CondformerError
 
-__all__ = ["inspect_routing", "plot_routing", "token_label", "MAX_LABELLED_TOKENS"]
+__all__ = ["inspect_routing", "plot_routing", "plot_exit_curve", "token_label", "MAX_LABELLED_TOKENS"]
 
 MAX_LABELLED_TOKENS = 80
 """Above this many tokens the x tick labels would overlap; the axis then shows positions instead."""
@@ -135,7 +135,13 @@ def inspect_routing(model: nn.Module, tokenizer: Tokenizer, text: str) -> dict[s
                             "counts": counts, "shares": [c / total for c in counts],
                             "none_frac": int((ids_TK < 0).sum()) / total})
     assignments.sort(key=lambda e: (e["layer"], e["name"]))
+    exits = None
+    if "exit_depth" in out.traces:
+        depths = out.traces["exit_depth"][0].tolist()
+        exits = {"depths": depths, "mean_depth": sum(depths) / len(depths),
+                 "histogram": [depths.count(d) for d in range(1, n_layers + 1)]}
     return {
+        "exits": exits,
         "altup": altup_coefficients(out.stats),
         "model": getattr(cfg, "name", type(model).__name__),
         "n_layers": n_layers,
@@ -223,6 +229,33 @@ def _rows(result: dict[str, Any]) -> tuple[list[list[int]], list[str]]:
             rows.append([_UNTRACED] * n_tokens)
             labels.append(f"layer {layer} {router} (no trace)")
     return rows, labels
+
+
+def plot_exit_curve(points: list[dict[str, float]], full_loss: float, path: str | os.PathLike[str],
+                    title: str = "") -> Path:
+    """Validation loss against average exit depth, one point per shared confidence threshold (PNG)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CondformerError("plotting needs matplotlib; pip install 'condformer[plot]'") from None
+    fig = Figure(figsize=(6, 4), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    pts = sorted(points, key=lambda p: p["mean_depth"])
+    ax.plot([p["mean_depth"] for p in pts], [p["loss"] for p in pts], marker=".", label="confidence exits")
+    ax.axhline(full_loss, color="grey", linestyle="--", linewidth=1, label="full depth")
+    ax.axhline(full_loss * 1.01, color="grey", linestyle=":", linewidth=1, label="+1%")
+    ax.set_xlabel("average exit depth (layers)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title or "quality vs average depth", fontsize=10)
+    ax.legend(fontsize=8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out)
+    return out
 
 
 def plot_routing(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -361,8 +361,10 @@ class EarlyExit(nn.Module):
             hit = (depth_BT == layer + 1).float()
             ctx.tally.stat(layer, "exit_frac", hit.mean() if valid is None else (hit * valid).sum()
                            / valid.sum().clamp_min(1))
-        if ctx.tally.tracing:
+        if ctx.tally.tracing:  # the depth per token, and per layer which tokens it computed (the heatmap's rows)
             ctx.tally.traces["exit_depth"] = depth_BT.detach()
+            for i in range(self.n_layers):
+                ctx.tally.trace(i, "exit_computed", depth_BT > i)
 
     # -- cost ----------------------------------------------------------------------------------
     @staticmethod

@@ -12,7 +12,7 @@ from condformer.compare import StudyConfig, render_report, run_dir, run_study
 from condformer.errors import CondformerError, ConfigError
 from helpers import one_line_error
 
-PRESETS = ["dense", "mod", "altup"]
+PRESETS = ["dense", "mod", "altup", "exit"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, code_corpus: Path) -> tuple[
 
 def test_every_preset_reaches_the_budget_within_one_step(study) -> None:
     out, results, cfg = study
-    assert results["presets"] == ["tiny", "tiny-mod", "tiny-altup"] and results["dense"] == "tiny"
+    assert results["presets"] == ["tiny", "tiny-mod", "tiny-altup", "tiny-exit"] and results["dense"] == "tiny"
     steps = {}
     for name in results["presets"]:
         (run,) = results["runs"][name]["seeds"]
@@ -90,6 +90,30 @@ def test_analysis_sees_the_routing_and_the_altup_coefficients(study) -> None:
     altup = results["analysis"]["tiny-altup"]["altup"]
     assert [e["layer"] for e in altup] == [0, 1, 2, 3] and all(len(e["g"]) == 2 for e in altup)
     assert results["analysis"]["tiny"]["layers"] == []
+
+
+def test_exit_runs_are_calibrated_within_the_tolerance_and_reported(study) -> None:
+    from condformer.checkpoint import read_checkpoint
+    from condformer.compare import EXIT_TOLERANCE
+
+    out, results, _ = study
+    e = results["runs"]["tiny-exit"]["exits"]
+    assert e["loss"] <= e["full_loss"] * (1 + EXIT_TOLERANCE) + 1e-6
+    assert sum(e["histogram"]) == e["tokens"] and len(e["histogram"]) == 4
+    assert e["mean_depth"] == pytest.approx(sum((d + 1) * c for d, c in enumerate(e["histogram"])) / e["tokens"])
+    # the thresholds are in the run's checkpoint, so its analysis (and a generate bench) decode with them
+    assert read_checkpoint(run_dir(out, "tiny-exit", 0)).model_cfg.exits.thresholds == e["thresholds"]
+    computed = [x for x in results["analysis"]["tiny-exit"]["layers"] if x["trace"] == "exit_computed"]
+    if e["thresholds"] is None:
+        assert computed == [] and e["histogram"][-1] == e["tokens"]
+    else:
+        fracs = [x["computed_frac"] for x in computed]
+        assert [x["layer"] for x in computed] == [0, 1, 2, 3] and fracs[0] == 1.0
+        assert fracs == sorted(fracs, reverse=True)  # a token that stopped computes no layer above
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| `tiny-exit` |") and "of 4" in line)
+    assert f"{e['full_loss']:.4f}" in row and f"{e['mean_depth']:.2f} of 4" in row and str(e["histogram"]) in row
+    assert (out / "exit_depth.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_second_call_reuses_every_finished_run_and_benchmark(study, monkeypatch) -> None:

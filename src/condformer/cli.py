@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="isoFLOP study: train presets to one FLOP budget, evaluate, time, report")
     s.add_argument("--presets", help="comma-separated techniques (dense,mod,moe,switch,mode,altup,raltup,sasp,...) "
-                                     "or preset names; default: dense,mod,moe,altup,sasp")
+                                     "or preset names; default: dense,mod,moe,altup,sasp,exit")
     b = s.add_mutually_exclusive_group()
     b.add_argument("--quick", action="store_true", help="under 10 minutes on 2 CPU cores (the default on CPU)")
     b.add_argument("--full", action="store_true", help="the CPU study: ~20 min on 2 cores (default presets)")

@@ -35,10 +35,13 @@ from condformer.errors import CondformerError, ConfigError
 TECHNIQUES: dict[str, str] = {
     "dense": "", "mod": "-mod", "moe": "-moe", "switch": "-switch", "mode": "-mode", "mode-staged": "-mode-staged",
     "altup": "-altup", "raltup": "-raltup", "parallel": "-parallel", "sas": "-sas", "sasp": "-sasp",
+    "exit": "-exit",
 }
 HEATMAP_TOKENS = 64  # tokens of validation text in each routing heatmap (labelled cells stay readable)
-DEFAULT_PRESETS = ("dense", "mod", "moe", "altup", "sasp")
-"""The default study: every technique that has landed (early exit joins when it lands)."""
+DEFAULT_PRESETS = ("dense", "mod", "moe", "altup", "sasp", "exit")
+"""The default study: every technique that has landed."""
+EXIT_TOLERANCE = 0.01
+"""Early-exit runs are calibrated after training to this relative validation-loss increase (the issue's 1%)."""
 
 BUDGETS: dict[str, dict[str, Any]] = {
     # finishes in under 10 minutes on 2 CPU cores with the default presets (the README's main job)
@@ -236,8 +239,27 @@ def _run(cfg: StudyConfig, name: str, seed: int, tcfg: Any, out: Path, advance: 
         "train_flops_per_token": count_flops(mcfg, cfg.seq_len).train_flops_per_token,
         "curve": _curve(d / "log.jsonl", flops_per_step),
     }
+    if mcfg.exits is not None and mcfg.exits.halting == "none":
+        saved["exits"] = _calibrate_run(d, tcfg)
     write_json_atomic(done, saved)
     return saved
+
+
+def _calibrate_run(d: Path, tcfg: Any) -> dict[str, Any]:
+    """Confidence thresholds for a trained exit run (loss within :data:`EXIT_TOLERANCE`), written into its
+    checkpoint so that its analysis and a generate bench decode with them."""
+    from condformer.calibrate import calibrate, validation_batches
+    from condformer.checkpoint import load_for_inference, update_model_config
+    from condformer.data import prepare_data
+
+    ck, model, tok = load_for_inference(d)
+    data = prepare_data(tcfg.data, tok or tcfg.tokenizer, tcfg.val_fraction)
+    batches = validation_batches(data, ck.model_cfg, tcfg, tcfg.eval_batches, str(next(model.parameters()).device))
+    result = calibrate(model, batches, EXIT_TOLERANCE)
+    if result.thresholds is not None:
+        ck.model_cfg.exits.thresholds = result.thresholds
+        update_model_config(ck, ck.model_cfg)
+    return result.to_dict()
 
 
 def _diff(a: dict | None, b: dict) -> str:
@@ -270,6 +292,7 @@ def _summarise_runs(label: str, name: str, seeds: list[dict], cfg: StudyConfig) 
         "forward_flops_per_token": first["forward_flops_per_token"],
         "train_flops_per_token": first["train_flops_per_token"],
         "budget_used": first["train_flops"] / cfg.budget_flops,
+        "exits": first.get("exits"),
     }
 
 
@@ -357,7 +380,7 @@ def _analyse(cfg: StudyConfig, name: str, out: Path) -> dict[str, Any]:
             entry["per_class"] = _per_class(computed, classes)
         layers.append(entry)
     result: dict[str, Any] = {"layers": layers, "altup": altup_coefficients(o.stats)}
-    if any(e["trace"].endswith("_routed") for e in layers):  # a heatmap of one short validation text
+    if any(e["trace"].endswith(("_routed", "_computed")) for e in layers):  # a heatmap of a short validation text
         result["heatmap"] = inspect_routing(model, tok, tok.decode(x[0, :HEATMAP_TOKENS].tolist()))
     if classes is not None:
         from condformer.data.synthetic import CLASSES
@@ -445,6 +468,20 @@ def render_report(results: dict[str, Any]) -> str:
                          f"{_fmt(b['speedup'], '.3f')} ({_fmt(b['ideal_speedup'], '.3f')})" if b else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Speedup = dense time / model time per iteration (median); ideal = 1 / FLOP ratio.", ""]
+    exits = [(n, runs[n]["exits"]) for n in results["presets"] if runs[n].get("exits")]
+    if exits:
+        lines += ["## Early exit", "",
+                  f"Confidence thresholds calibrated after training on the validation batches (seed 0) so that the "
+                  f"loss rises by at most {EXIT_TOLERANCE:.0%} over the same model at full depth (exited states "
+                  f"copied upward, measured exactly).", "",
+                  "| preset | thresholds | loss at full depth | loss with exits | agreement | mean depth | "
+                  "tokens per depth |", "| --- " * 7 + "|"]
+        for name, e in exits:
+            thr = "none (full depth)" if e["thresholds"] is None else ", ".join(f"{t:.3f}" for t in e["thresholds"])
+            lines.append(f"| `{name}` | {thr} | {e['full_loss']:.4f} | {e['loss']:.4f} "
+                         f"({e['loss'] / e['full_loss'] - 1:+.2%}) | {e['agreement']:.1%} | "
+                         f"{e['mean_depth']:.2f} of {e['n_layers']} | {e['histogram']} |")
+        lines.append("")
     per_class = [(n, e) for n, a in results["analysis"].items() for e in a["layers"] if "per_class" in e]
     if per_class:
         classes = list(per_class[0][1]["per_class"])
@@ -537,6 +574,17 @@ def make_plots(results: dict[str, Any], out: Path) -> dict[str, str]:
         ax.legend(fontsize=8)
         save(fig, f"speedup_{mode}.png", f"measured speedup vs FLOP ratio ({mode})")
 
+    exits = [(n, runs[n]["exits"]) for n in names if runs[n].get("exits")]
+    if exits:
+        fig = Figure(figsize=(5.5, 1.6 + 1.8 * len(exits)), layout="constrained")
+        for k, (n, e) in enumerate(exits):
+            ax = fig.add_subplot(len(exits), 1, k + 1)
+            total = max(sum(e["histogram"]), 1)
+            ax.bar(range(1, len(e["histogram"]) + 1), [c / total for c in e["histogram"]], color=f"C{names.index(n)}")
+            ax.set(xlabel="exit depth (layers computed)", ylabel="share of tokens",
+                   title=f"{n}: mean depth {e['mean_depth']:.2f}, loss {e['loss'] / e['full_loss'] - 1:+.2%}")
+        save(fig, "exit_depth.png", "early-exit depth histogram")
+
     loads = [(n, e) for n, a in results["analysis"].items() for e in a["layers"] if "expert_load" in e]
     if loads:
         fig = Figure(figsize=(6.5, 1.2 + 1.4 * len(loads)), layout="constrained")
@@ -581,6 +629,10 @@ def render_summary(results: dict[str, Any], out: str | Path) -> str:
         parts.append(f"({r['steps']} steps)")
         for mode, b in results["bench"].get(name, {}).items():
             parts.append(f"{mode} speedup {_fmt(b['speedup'], '.2f')} (ideal {_fmt(b['ideal_speedup'], '.2f')})")
+        if r.get("exits"):
+            e = r["exits"]
+            parts.append(f"early exit: mean depth {e['mean_depth']:.2f}/{e['n_layers']} at "
+                         f"{e['loss'] / e['full_loss'] - 1:+.2%} loss")
         if name == dense:
             parts.append("baseline")
         lines.append("  ".join(parts))

@@ -15,19 +15,21 @@ pytestmark = pytest.mark.compile
 
 
 ALTUP = {"k": 2, "variant": "recycled", "coefficients": "gemma"}
+EXITS = {"halting": "token"}  # aligned training of every exit plus a halting module and its oracle
 
 
-@pytest.mark.parametrize("altup", [None, ALTUP], ids=["dense", "altup"])
-def test_training_path_compiles_fullgraph(altup: dict | None) -> None:
+@pytest.mark.parametrize("altup,exits", [(None, None), (ALTUP, None), (None, EXITS)], ids=["dense", "altup", "exits"])
+def test_training_path_compiles_fullgraph(altup: dict | None, exits: dict | None) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, altup=altup))
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, altup=altup, exits=exits))
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randint(0, 260, (2, 16))
     out = compiled(x, x)
-    (out.loss + out.aux_loss).backward()
+    out.train_loss.backward()
     ref = model(x, x)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.train_loss, ref.train_loss, rtol=1e-4, atol=1e-4)
     assert all(p.grad is not None for p in model.parameters())
 
 

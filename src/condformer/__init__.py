@@ -7,15 +7,26 @@
 """
 
 from condformer.cache import KVCache
-from condformer.config import LayerSpec, ModelConfig, TrainConfig, every_other, load_config_file
+from condformer.config import (
+    AltUpConfig,
+    ExitConfig,
+    LayerSpec,
+    ModelConfig,
+    TrainConfig,
+    every_other,
+    load_config_file,
+)
 from condformer.errors import CondformerError, ConfigError
 from condformer.flops import count_flops
+from condformer.generate import SamplingConfig, generate
 from condformer.model import Output, Transformer, build_model
 from condformer.presets import preset, presets
+from condformer.routing.early_exit import set_exit_thresholds
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CondformerError", "ConfigError", "KVCache", "LayerSpec", "ModelConfig", "Output", "TrainConfig",
-    "Transformer", "build_model", "count_flops", "every_other", "load_config_file", "preset", "presets",
+    "AltUpConfig", "CondformerError", "ConfigError", "ExitConfig", "KVCache", "LayerSpec", "ModelConfig", "Output",
+    "SamplingConfig", "TrainConfig", "Transformer", "build_model", "count_flops", "every_other", "generate",
+    "load_config_file", "preset", "presets", "set_exit_thresholds",
 ]

@@ -90,8 +90,9 @@ def generate_speculative(model: nn.Module, prompts: Sequence[Sequence[int]], cfg
     if stats is not None:
         stats.update(counts)
         stats["acceptance_rate"] = counts["accepted"] / counts["drafted"] if counts["drafted"] else None
-        new = sum(len(o) for o in out)
-        stats["tokens_per_round"] = new / counts["rounds"] if counts["rounds"] else None
+        # tokens the rounds emitted (each prompt's first new token comes from the prefill, not a round)
+        from_rounds = sum(len(o) for o in out) - len(out)
+        stats["tokens_per_round"] = from_rounds / counts["rounds"] if counts["rounds"] else None
     return out
 
 

@@ -239,10 +239,11 @@ class EarlyExit(nn.Module):
         logits = [self.exit_logits(k, s, model) for k, s in enumerate(states)]
         if targets_BT is None:
             return ExitResult(logits[-1], None)
-        losses = torch.stack([_ce(lg, targets_BT) for lg in logits])
+        # a list, not a stacked tensor: returning views of one tensor as loss and statistics breaks compile
+        losses = [_ce(lg, targets_BT) for lg in logits]
         for k, layer in enumerate(self.exit_layers):
             ctx.tally.stat(layer, "exit_loss", losses[k])
-        objective = (self.weights.to(losses.dtype) * losses).sum()
+        objective = sum(self.weights[k] * loss for k, loss in enumerate(losses))
         if self.halting is not None:
             self._halting_loss(h1, states, logits, targets_BT, ctx)
         return ExitResult(logits[-1], losses[-1], objective)
@@ -404,8 +405,11 @@ def set_exit_thresholds(model: nn.Module, thresholds: float | list[float] | None
     if thresholds is None:
         exits.thresholds = None
         return
-    if isinstance(thresholds, (int, float)):
+    if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
         thresholds = [float(thresholds)] * (exits.n_exits - 1)
+    if not isinstance(thresholds, (list, tuple)) or any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) for t in thresholds):
+        raise CondformerError(f"exit thresholds must be a number or a list of numbers, got {thresholds!r}")
     if len(thresholds) != exits.n_exits - 1:
         raise CondformerError(f"give one threshold or {exits.n_exits - 1} (one per exit before the last), "
                               f"got {len(thresholds)}")

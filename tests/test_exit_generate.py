@@ -420,3 +420,26 @@ def test_forward_rejects_a_depth_without_exit():
     model = make_model(exit_layers=[1])  # depths 2 and 4
     one_line_error(lambda: model(torch.tensor([[1, 2, 3]]), exit_depth_BT=torch.tensor([[4, 1, 2]])),
                    CondformerError)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS_1, PROMPTS_2], ids=["B1", "B2_left_padded"])
+@pytest.mark.parametrize("confidence_kind", ["softmax", "cosine"])
+def test_a_null_threshold_switches_its_exit_off(prompts, confidence_kind):
+    model = make_model(confidence=confidence_kind)
+    low = set_quantile_thresholds(model, q=0.3)
+    set_exit_thresholds(model, [None, low[1], None])  # only the exit after layer 1 is checked
+    calls = []
+    real = model.exits.exit_logits
+
+    def spy(k, h, m):
+        calls.append(k)
+        return real(k, h, m)
+
+    model.exits.exit_logits = spy
+    depths, _ = check_exit_generation(model, prompts, seed=3)
+    assert set(depths.flatten().tolist()) == {2, L}  # tokens stop after layer 1 or run to the end
+    assert set(calls) <= {1, L - 1}  # exits 0 and 2 never computed a head
+    # the full forward under the same thresholds decides the same way
+    x = torch.randint(0, 260, (2, 20), generator=torch.Generator().manual_seed(5))
+    traced = model(x, trace=True).traces["exit_depth"]
+    assert set(traced.flatten().tolist()) <= {2, L}

@@ -30,6 +30,7 @@ from condformer.config import ModelConfig, TrainConfig
 from condformer.errors import CheckpointError, ConfigError
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+RNG_FILE = "rng.safetensors"  # torch's generator states: random training draws continue exactly on resume
 
 
 @dataclass
@@ -82,6 +83,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     if optimizer is not None:
         tensors, meta = optimizer_to_flat(optimizer)
         save_file(tensors, str(tmp / OPTIM_FILE))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / RNG_FILE))
     payload = {"step": step, "model": model_cfg.to_dict(),
                "train": None if train_cfg is None else train_cfg.to_dict(), "optimizer": meta, **state}
     (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -158,6 +163,25 @@ def load_weights(ck: Checkpoint, model: torch.nn.Module) -> None:
             f"weights in '{ck.path}' do not match the config: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
+
+
+def load_rng_state(ck: Checkpoint) -> None:
+    """Restore the generator states a training checkpoint saved (older checkpoints have none: no-op).
+
+    Layer dropout, mixed exit training and noisy routing draw from torch's global generators; without
+    this, a resumed run would draw different numbers from the step it resumes at.
+    """
+    path = ck.path / RNG_FILE
+    if not path.is_file():
+        return
+    try:
+        states = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read the random-generator state '{path}': {e}") from None
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def load_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> None:

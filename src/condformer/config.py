@@ -122,7 +122,8 @@ class ExitConfig:
     halting_alpha: weight of the halting loss. halting_detach: the halting module reads detached states.
     confidence: ``softmax`` (max probability), ``gap`` (top-1 minus top-2 probability) or ``cosine`` (of the
         states before and after the layer). thresholds: one per exit except the last (a token exits at the
-        first exit whose confidence exceeds its threshold); null: full depth (set by ``condformer calibrate``).
+        first exit whose confidence exceeds its threshold; a null entry switches that exit off, so inference
+        does not even compute its check); null: full depth (set by ``condformer calibrate``).
     """
 
     layers: list[int] | None = None
@@ -139,7 +140,7 @@ class ExitConfig:
     halting_detach: bool = True
     halting_tau: float = 0.5
     confidence: str = "softmax"
-    thresholds: list[float] | None = None
+    thresholds: list[float | None] | None = None
 
     def exit_layers(self, n_layers: int) -> list[int]:
         """Sorted 0-based layer indices with an exit, the last layer included."""
@@ -167,16 +168,20 @@ class ExitConfig:
             raise ConfigError(f"exits.layer_dropout (LayerSkip's p_max) must be in [0, 1), got {self.layer_dropout}")
         _choice(self.halting, ("none", "sequence", "token", "geometric"), "exits.halting")
         _choice(self.oracle, ("likelihood", "smoothed", "correctness", "smoothed_correctness"), "exits.oracle")
-        if self.oracle_lambda < 0 or not self.oracle_sigma > 0 or self.halting_alpha < 0:
+        if not (self.oracle_lambda >= 0 and self.oracle_sigma > 0 and self.halting_alpha >= 0):  # NaN fails too
             raise ConfigError("exits.oracle_lambda and exits.halting_alpha must be >= 0 and exits.oracle_sigma > 0")
         if not 0 < self.halting_tau < 1:
             raise ConfigError(f"exits.halting_tau must be in (0, 1), got {self.halting_tau}")
         _choice(self.confidence, ("softmax", "gap", "cosine"), "exits.confidence")
         if self.thresholds is not None:
             t = self.thresholds
-            if len(t) != n_exits - 1 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in t):
-                raise ConfigError(f"exits.thresholds must be {n_exits - 1} numbers (one per exit before the last "
-                                  f"layer) or null for full depth, got {t}")
+            if len(t) != n_exits - 1 or any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+                                            for v in t):
+                raise ConfigError(f"exits.thresholds must be {n_exits - 1} numbers or nulls (one per exit before the "
+                                  f"last layer; null: that exit off) or null for full depth, got {t}")
+        if self.halting != "none" and self.training == "mixed":
+            raise ConfigError("a halting module needs exits.training 'aligned': its oracle compares every exit's "
+                              "likelihood of each token, which mixed training does not compute")
         if self.halting != "none" and self.thresholds is not None:
             raise ConfigError("exits.thresholds are for confidence exits; with exits.halting set, the halting "
                               "module decides the depth: set thresholds to null or halting to 'none'")

@@ -92,8 +92,10 @@ def count_flops(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> Flo
     if cfg.exits is not None:
         from condformer.routing.early_exit import EarlyExit
 
-        if training and cfg.exits.training == "mixed":  # M passes, each with one head matmul per token
-            forward = cfg.exits.mixed_samples * forward
+        if training and cfg.exits.training == "mixed":  # M passes: the layers and each token's own exit head
+            n_exits = len(cfg.exits.exit_layers(cfg.n_layers))
+            heads = head if cfg.exits.head == "shared" else head * n_exits  # separate: every head, then select
+            forward = cfg.exits.mixed_samples * (sum(per_layer) + heads)
         else:  # every exit's head (an upper bound at inference, where tokens stop at their exit)
             forward += EarlyExit.flops(cfg, seq_len, training)
     import torch

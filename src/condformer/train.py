@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from condformer.checkpoint import (
     load_optimizer,
+    load_rng_state,
     load_weights,
     read_checkpoint,
     resolve_checkpoint,
@@ -278,6 +279,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
         load_weights(ck, raw_model)
         raw_model.to(device)
         load_optimizer(ck, optimizer)
+        load_rng_state(ck)
         start_step = ck.state["step"]
     model: torch.nn.Module = raw_model
     if world > 1:

@@ -52,9 +52,10 @@ def layer_dropout_rate(p_max: float, layer: int, n_layers: int) -> float:
 
 def confidence(kind: str, logits_BTV: torch.Tensor, h_BTD: torch.Tensor, h_prev_BTD: torch.Tensor) -> torch.Tensor:
     """CALM's confidence of an exit, per token (B, T), in float32 or wider."""
-    wide = torch.promote_types(logits_BTV.dtype, torch.float32)
-    if kind == "cosine":
+    if kind == "cosine":  # needs no logits: the head runs only where a token exits
+        wide = torch.promote_types(h_BTD.dtype, torch.float32)
         return F.cosine_similarity(h_BTD.to(wide), h_prev_BTD.to(wide), dim=-1)
+    wide = torch.promote_types(logits_BTV.dtype, torch.float32)
     probs = logits_BTV.to(wide).softmax(dim=-1)
     if kind == "softmax":
         return probs.max(dim=-1).values
@@ -118,12 +119,12 @@ class Halting(nn.Module):
             else:
                 v = valid_BT.to(h1_BTD.dtype)[..., None]
                 pooled = (h1_BTD * v).sum(dim=1) / v.sum(dim=1).clamp_min(1)
-            return F.linear(pooled, w, b).float().log_softmax(dim=-1)
-        return F.linear(h1_BTD, w, b).float().log_softmax(dim=-1)
+            return _wide(F.linear(pooled, w, b)).log_softmax(dim=-1)
+        return _wide(F.linear(h1_BTD, w, b)).log_softmax(dim=-1)
 
     def halt_logit(self, k: int, h_BTD: torch.Tensor) -> torch.Tensor:
         """``geometric``: the logit of chi at exit k (B, T)."""
-        return (h_BTD @ self.weight[k].to(h_BTD.dtype) + self.bias[k].to(h_BTD.dtype)).float()
+        return _wide(h_BTD @ self.weight[k].to(h_BTD.dtype) + self.bias[k].to(h_BTD.dtype))
 
     def log_q_geometric(self, exit_states: list[torch.Tensor]) -> torch.Tensor:
         """log q_t(n) (B, T, E): chi_n prod_{n'<n} (1 - chi_n'), the last exit taking the remaining mass."""
@@ -163,9 +164,11 @@ class EarlyExit(nn.Module):
             w = [1.0] * n_exits if e.weights == "uniform" else [float(layer + 1) for layer in self.exit_layers]
         else:
             w = [float(x) for x in e.weights]
-        self.register_buffer("weights", torch.tensor(w) / sum(w), persistent=False)
+        # unnormalised: normalised in the loss's own dtype (a float64 model gets a float64 objective)
+        self.register_buffer("weights", torch.tensor(w, dtype=torch.float64), persistent=False)
         # the inference policy; ``set_exit_thresholds`` overrides the config's thresholds at run time
-        self.thresholds: list[float] | None = None if e.thresholds is None else [float(t) for t in e.thresholds]
+        self.thresholds: list[float | None] | None = (
+            None if e.thresholds is None else [None if t is None else float(t) for t in e.thresholds])
 
     @property
     def n_exits(self) -> int:
@@ -243,7 +246,8 @@ class EarlyExit(nn.Module):
         losses = [_ce(lg, targets_BT) for lg in logits]
         for k, layer in enumerate(self.exit_layers):
             ctx.tally.stat(layer, "exit_loss", losses[k])
-        objective = sum(self.weights[k] * loss for k, loss in enumerate(losses))
+        w = self.weights.to(losses[0].dtype)
+        objective = sum(w[k] * loss for k, loss in enumerate(losses)) / w.sum()
         if self.halting is not None:
             self._halting_loss(h1, states, logits, targets_BT, ctx)
         return ExitResult(logits[-1], losses[-1], objective)
@@ -324,7 +328,7 @@ class EarlyExit(nn.Module):
                 if planned.dim() == 1:
                     planned = planned[:, None].expand(B, T)
             k = self.exit_of_layer.get(i)
-            if k is None or k == self.n_exits - 1:
+            if k is None or k == self.n_exits - 1 or not self.checks(k):
                 continue
             logits_k = self.exit_logits(k, h_BTD, model)
             now = self.exits_now(k, logits_k, h_BTD, h_prev, planned) & ~exited_BT
@@ -349,9 +353,15 @@ class EarlyExit(nn.Module):
             if self.halting.kind == "geometric":
                 return torch.sigmoid(self.halting.halt_logit(k, h_BTD)) > self.spec.halting_tau
             return planned_BT == k
-        if self.thresholds is None:
+        if not self.checks(k):
             return torch.zeros(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
         return confidence(self.spec.confidence, logits_BTV, h_BTD, h_prev_BTD) > self.thresholds[k]
+
+    def checks(self, k: int) -> bool:
+        """Whether inference evaluates exit ``k`` (< the last) at all: off without thresholds or with a null one."""
+        if self.halting is not None:
+            return True
+        return self.thresholds is not None and self.thresholds[k] is not None
 
     def _depth_stats(self, depth_BT: torch.Tensor, ctx: Context) -> None:
         valid = ctx.valid_BT
@@ -380,10 +390,18 @@ class EarlyExit(nn.Module):
             return 0
         n_exits = len(e.exit_layers(cfg.n_layers))
         flops = 2 * seq_len * cfg.d_model * cfg.vocab_size * (n_exits - 1)
-        if e.halting != "none":
-            rows = n_exits - 1 if e.halting == "geometric" else n_exits
-            flops += 2 * seq_len * cfg.d_model * rows
+        if e.halting == "geometric":
+            flops += 2 * seq_len * cfg.d_model * (n_exits - 1)
+        elif e.halting == "token":
+            flops += 2 * seq_len * cfg.d_model * n_exits
+        elif e.halting == "sequence":  # one projection of the pooled state per sequence
+            flops += 2 * cfg.d_model * n_exits
         return flops
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 logits are too coarse for a softmax), float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _ce(logits_BTV: torch.Tensor, targets_BT: torch.Tensor | None) -> torch.Tensor | None:
@@ -408,12 +426,13 @@ def set_exit_thresholds(model: nn.Module, thresholds: float | list[float] | None
     if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
         thresholds = [float(thresholds)] * (exits.n_exits - 1)
     if not isinstance(thresholds, (list, tuple)) or any(
-            isinstance(t, bool) or not isinstance(t, (int, float)) for t in thresholds):
-        raise CondformerError(f"exit thresholds must be a number or a list of numbers, got {thresholds!r}")
+            t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))) for t in thresholds):
+        raise CondformerError(f"exit thresholds must be a number or a list of numbers (None: that exit off), "
+                              f"got {thresholds!r}")
     if len(thresholds) != exits.n_exits - 1:
         raise CondformerError(f"give one threshold or {exits.n_exits - 1} (one per exit before the last), "
                               f"got {len(thresholds)}")
-    exits.thresholds = [float(t) for t in thresholds]
+    exits.thresholds = [None if t is None else float(t) for t in thresholds]
 
 
 @dataclass
@@ -466,6 +485,8 @@ class ExitDecoder:
         """Logits (B, V) of one new token per row, each from the exit where its row stopped."""
         model, exits = self.model, self.exits
         B = tok_B.shape[0]
+        if B == 1:
+            return self._step_one(tok_B, pos_B1, cache)
         tokens = tok_B[:, None]
         ctx = model._context(tokens, pos_B1, None, cache)
         h = model.embed(tokens)
@@ -486,7 +507,7 @@ class ExitDecoder:
             if i == 0 and exits.halting is not None and exits.halting.kind == "token":
                 planned = exits.halting.log_q_first(h, None).argmax(dim=-1)
             k = exits.exit_of_layer.get(i)
-            if k is None or k == exits.n_exits - 1:
+            if k is None or k == exits.n_exits - 1 or not exits.checks(k):
                 continue
             logits_k = exits.exit_logits(k, h, model)
             now = exits.exits_now(k, logits_k, h, h_prev, planned) & ~exited
@@ -501,6 +522,52 @@ class ExitDecoder:
                 logits = torch.where(exited[..., None], chosen, logits)
         self.stats.depths.extend(depth[:, 0].tolist())
         return logits[:, 0]
+
+    def _step_one(self, tok_B: torch.Tensor, pos_B1: torch.Tensor, cache) -> torch.Tensor:  # noqa: ANN001
+        """:meth:`step` for one row: plain control flow, no masks, and a head only where the token stops.
+
+        The same arithmetic as the batched path (tested equal), minus its bookkeeping, which at batch 1
+        would cost as much as the layers the exit saves.
+        """
+        model, exits = self.model, self.exits
+        tokens = tok_B[:, None]
+        ctx = model._context(tokens, pos_B1, None, cache)
+        h = model.embed(tokens)
+        planned = None if self.planned_B is None else int(self.planned_B[0])
+        token_halting = exits.halting is not None and exits.halting.kind == "token"
+        last = exits.n_exits - 1
+        for i, layer in enumerate(model.layers):
+            lctx = ctx.for_layer(i)
+            self._flush(i, lctx)
+            h_prev, h = h, layer(h, lctx)
+            if i == 0 and token_halting:
+                planned = int(exits.halting.log_q_first(h, None).argmax(dim=-1))
+            k = exits.exit_of_layer.get(i)
+            if k is None or k == last or not exits.checks(k):
+                continue
+            logits = self._fires(k, h, h_prev, planned)
+            if logits is not None:
+                for j in range(i + 1, exits.n_layers):  # their keys and values wait for a deeper token
+                    self.pending[j].append((h, pos_B1))
+                self.stats.depths.append(i + 1)
+                return logits[:, 0]
+        self.stats.depths.append(exits.n_layers)
+        return exits.exit_logits(last, h, model)[:, 0]
+
+    def _fires(self, k: int, h: torch.Tensor, h_prev: torch.Tensor, planned: int | None) -> torch.Tensor | None:
+        """Exit ``k``'s logits if the token stops there, else None (cosine and halting skip the head then)."""
+        exits, model = self.exits, self.model
+        if exits.halting is not None:
+            if exits.halting.kind == "geometric":
+                fire = bool(torch.sigmoid(exits.halting.halt_logit(k, h)) > exits.spec.halting_tau)
+            else:
+                fire = planned == k
+            return exits.exit_logits(k, h, model) if fire else None
+        kind, threshold = exits.spec.confidence, exits.thresholds[k]
+        if kind == "cosine":
+            return exits.exit_logits(k, h, model) if bool(confidence(kind, None, h, h_prev) > threshold) else None
+        logits = exits.exit_logits(k, h, model)
+        return logits if bool(confidence(kind, logits, h, h_prev) > threshold) else None
 
     def _flush(self, i: int, lctx: Context) -> None:
         """Keys and values of layer ``i`` for the tokens that exited below it since it last ran."""

@@ -6,12 +6,20 @@ batches, then searches per-exit thresholds that make tokens exit as early as pos
 - ``metric="loss"``: the validation loss rises by at most ``X`` relative to full depth (0.01 = 1%), or
 - ``metric="agreement"``: at least ``1 - X`` of the tokens predict (argmax) what the full model predicts.
 
+Among the thresholds that meet the tolerance it picks the cheapest to decode with, by the expected cost per
+token in layers: the layers computed plus ``check_cost`` for every exit checked that did not fire (an exit
+whose head is computed for nothing; the exit a token takes replaces the final head). So an exit that
+rarely fires can be switched off (a null threshold) rather than checked for every token. ``check_cost``
+defaults to the FLOP ratio of an exit head to a layer for one decoded token (0 for cosine confidence,
+which needs no head to decide); on hardware where a check costs more (CPU decoding at batch 1 is bound by
+per-operation overhead, not FLOPs) pass the measured ratio.
+
 The search runs on one *aligned* pass (every token through every layer, each exit's confidence, loss and
 argmax recorded), where a threshold vector's quality is a cheap gather: a shared threshold over a grid of
-confidence quantiles first, then each exit's threshold lowered in turn while the estimate stays feasible.
+confidence quantiles first, then coordinate descent over each exit's threshold (a quantile or off).
 The aligned pass ignores that exited tokens' states are copied upward (later tokens attend to the copies),
 so the chosen thresholds are then **verified exactly** with the model's real early-exit forward; if that
-misses the tolerance, the search is redone with a smaller budget. Reported numbers are the exact ones.
+misses the tolerance, the search is redone with a budget 15% smaller. Reported numbers are the exact ones.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ METRICS = ("loss", "agreement")
 
 @dataclass
 class Calibration:
-    thresholds: list[float] | None  # None: no thresholds meet the tolerance (full depth)
+    thresholds: list[float | None] | None  # None: no thresholds meet the tolerance (full depth); None entry: off
     metric: str
     tolerance: float
     full_loss: float
@@ -40,6 +48,8 @@ class Calibration:
     n_layers: int
     histogram: list[int]  # tokens per depth 1..n_layers
     tokens: int
+    check_cost: float = 0.0  # an exit check that does not fire, in layers
+    cost: float = 0.0  # expected decode cost per token in layers, checks included (full depth: n_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,19 +74,44 @@ def _aligned_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     return {"conf": torch.stack(conf[:-1]), "ll": torch.stack(ll), "pred": torch.stack(pred)}
 
 
-def _estimate(thr_E: torch.Tensor, a: dict[str, torch.Tensor], depths: torch.Tensor) -> tuple[float, float, float]:
-    """(loss, agreement, mean depth) of thresholds on the aligned pass."""
+def exit_check_cost(cfg: Any) -> float:
+    """An exit check that does not fire, in layers: head FLOPs over a layer's for one decoded token."""
+    from condformer.flops import layer_forward_flops
+
+    if cfg.exits.confidence == "cosine":
+        return 0.0
+    layer = sum(layer_forward_flops(cfg, i, 1) for i in range(cfg.n_layers)) / cfg.n_layers
+    return 2 * cfg.d_model * cfg.vocab_size / layer
+
+
+def decode_cost(histogram: list[int], exit_layers: list[int], thresholds: list[float | None] | None,
+                check_cost: float) -> float:
+    """Expected layers per token, checks included, from the depth histogram (``histogram[d-1]``: tokens at depth d)."""
+    if thresholds is None:
+        return sum((d + 0.0) * c for d, c in enumerate(histogram, start=1)) / max(sum(histogram), 1)
+    enabled = [layer for layer, t in zip(exit_layers[:-1], thresholds, strict=True) if t is not None]
+    total = sum(c * (d + check_cost * sum(1 for layer in enabled if layer + 1 < d))
+                for d, c in enumerate(histogram, start=1))
+    return total / max(sum(histogram), 1)
+
+
+def _estimate(thr_E: torch.Tensor, a: dict[str, torch.Tensor], depths: torch.Tensor,
+              check_cost: float) -> tuple[float, float, float, float]:
+    """(loss, agreement, mean depth, decode cost) of thresholds on the aligned pass (inf: the exit is off)."""
     n_exits, n_tok = a["ll"].shape
     fire = a["conf"] > thr_E[:, None]
     fire = torch.cat([fire, torch.ones(1, n_tok, dtype=torch.bool, device=fire.device)])
     k = fire.to(torch.long).argmax(dim=0)
     loss = -a["ll"].gather(0, k[None])[0].mean()
     agree = (a["pred"].gather(0, k[None])[0] == a["pred"][-1]).float().mean()
-    return float(loss), float(agree), float(depths[k].float().mean())
+    checked_before = torch.cat([thr_E.new_zeros(1), torch.isfinite(thr_E).to(thr_E.dtype).cumsum(0)])
+    depth = depths[k].to(thr_E.dtype)
+    cost = (depth + check_cost * checked_before[k]).mean()
+    return float(loss), float(agree), float(depth.mean()), float(cost)
 
 
 def calibrate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], tolerance: float,
-              metric: str = "loss", grid: int = 64) -> Calibration:
+              metric: str = "loss", grid: int = 64, check_cost: float | None = None) -> Calibration:
     """Thresholds for ``model``'s confidence exits on ``batches`` of (inputs, targets); see the module docstring."""
     exits = getattr(model, "exits", None)
     if exits is None:
@@ -91,6 +126,10 @@ def calibrate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Te
         raise CondformerError(f"--tolerance must be in [0, 1) (0.01 = 1%), got {tolerance}")
     if not batches:
         raise CondformerError("calibration needs at least one validation batch")
+    if check_cost is None:
+        check_cost = exit_check_cost(model.cfg)
+    if isinstance(check_cost, bool) or not isinstance(check_cost, (int, float)) or not check_cost >= 0:
+        raise CondformerError(f"--check-cost must be a number >= 0 (layers per exit check), got {check_cost}")
     was_training = model.training
     model.eval()
     saved = exits.thresholds
@@ -107,52 +146,61 @@ def calibrate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Te
 
         qs = torch.linspace(0, 1, grid + 1, dtype=a["conf"].dtype, device=a["conf"].device)
         values = torch.quantile(a["conf"].flatten()[:1_000_000].float(), qs.float()).to(a["conf"].dtype)
-        never = a["conf"].max() + 1
-        candidates = torch.cat([values, never[None]]).unique()
+        off = torch.tensor([float("inf")], dtype=values.dtype, device=values.device)
+        candidates = torch.cat([values, off]).unique()
         n = exits.n_exits - 1
         budget, chosen, exact = tolerance, None, None
-        for _ in range(8):
-            thr = _search(a, depths, candidates, n, lambda lo, ag, b=budget: ok(lo, ag, b))
+        tried = set()
+        for _ in range(16):  # the aligned estimate ignores copied states: tighten its budget until exact holds
+            thr = _search(a, depths, candidates, n, lambda lo, ag, b=budget: ok(lo, ag, b), check_cost)
             if thr is None:
                 break
-            exact = exact_quality(model, batches, thr)
-            if ok(exact["loss"], exact["agreement"], tolerance):
-                chosen = thr
-                break
-            budget /= 2
+            if tuple(thr) not in tried:
+                tried.add(tuple(thr))
+                exact = exact_quality(model, batches, thr)
+                if ok(exact["loss"], exact["agreement"], tolerance):
+                    chosen = thr
+                    break
+            budget *= 0.85
         if chosen is None:
             exact = exact_quality(model, batches, None)
+        cost = decode_cost(exact["histogram"], exits.exit_layers, chosen, check_cost)
         return Calibration(thresholds=chosen, metric=metric, tolerance=tolerance, full_loss=exact["full_loss"],
                            loss=exact["loss"], agreement=exact["agreement"], mean_depth=exact["mean_depth"],
-                           n_layers=exits.n_layers, histogram=exact["histogram"], tokens=exact["tokens"])
+                           n_layers=exits.n_layers, histogram=exact["histogram"], tokens=exact["tokens"],
+                           check_cost=check_cost, cost=cost)
     finally:
         exits.thresholds = saved
         model.train(was_training)
 
 
 def _search(a: dict[str, torch.Tensor], depths: torch.Tensor, candidates: torch.Tensor, n: int,
-            feasible) -> list[float] | None:  # noqa: ANN001
-    """The shallowest feasible shared threshold, then each exit's lowered in turn (two sweeps)."""
+            feasible, check_cost: float) -> list[float | None] | None:  # noqa: ANN001
+    """The cheapest feasible thresholds: the best shared one, then coordinate descent (three sweeps) over each
+    exit's threshold among the candidates (inf: off). None when not even a shared threshold is feasible."""
     dtype, device = a["conf"].dtype, a["conf"].device
-    best, best_depth = None, float("inf")
+    best, best_cost = None, float("inf")
     for v in candidates.tolist():
         thr = torch.full((n,), v, dtype=dtype, device=device)
-        loss, agree, depth = _estimate(thr, a, depths)
-        if feasible(loss, agree) and depth < best_depth:
-            best, best_depth = thr, depth
-    if best is None:
+        loss, agree, _, cost = _estimate(thr, a, depths, check_cost)
+        if feasible(loss, agree) and cost < best_cost:
+            best, best_cost = thr, cost
+    if best is None or not bool(torch.isfinite(best).any()):
         return None
-    for _ in range(2):
+    for _ in range(3):
+        improved = False
         for k in range(n):
             for v in candidates.tolist():
-                if v >= float(best[k]):
-                    continue
                 trial = best.clone()
                 trial[k] = v
-                loss, agree, depth = _estimate(trial, a, depths)
-                if feasible(loss, agree) and depth < best_depth:
-                    best, best_depth = trial, depth
-    return [float(v) for v in best]
+                loss, agree, _, cost = _estimate(trial, a, depths, check_cost)
+                if feasible(loss, agree) and cost < best_cost - 1e-12:
+                    best, best_cost, improved = trial, cost, True
+        if not improved:
+            break
+    if not bool(torch.isfinite(best).any()):
+        return None
+    return [float(v) if v != float("inf") else None for v in best.tolist()]
 
 
 @torch.no_grad()

@@ -219,7 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 # -- calibrate ---------------------------------------------------------------------------------
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from condformer.calibrate import calibrate, exact_quality, validation_batches
+    from condformer.calibrate import calibrate, decode_cost, exact_quality, validation_batches
     from condformer.checkpoint import update_model_config
     from condformer.data import prepare_data
 
@@ -233,16 +233,19 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     device = str(next(model.parameters()).device)
     batches = validation_batches(data, ck.model_cfg, cfg, 2 * args.batches, device)
     fit, held_out = batches[: args.batches], batches[args.batches:]
-    result = calibrate(model, fit, args.tolerance, args.metric)
+    result = calibrate(model, fit, args.tolerance, args.metric, check_cost=args.check_cost)
     check = exact_quality(model, held_out, result.thresholds)
+    check["cost"] = decode_cost(check["histogram"], model.exits.exit_layers, result.thresholds, result.check_cost)
     lines = [f"{ck.path}: full depth loss {result.full_loss:.4f} on {result.tokens:,} validation tokens",
              f"thresholds ({model.exits.spec.confidence}): "
              + ("none meet the tolerance; full depth kept" if result.thresholds is None
-                else ", ".join(f"{t:.4f}" for t in result.thresholds)),
+                else ", ".join("off" if t is None else f"{t:.4f}" for t in result.thresholds)),
              f"calibration batches: loss {result.loss:.4f} ({result.loss / result.full_loss - 1:+.2%}), "
-             f"agreement {result.agreement:.1%}, mean depth {result.mean_depth:.2f} of {result.n_layers} layers",
+             f"agreement {result.agreement:.1%}, mean depth {result.mean_depth:.2f} of {result.n_layers} layers, "
+             f"decode cost {result.cost:.2f} layers/token (an exit check = {result.check_cost:.3f} layers)",
              f"held-out batches:    loss {check['loss']:.4f} ({check['loss'] / check['full_loss'] - 1:+.2%}), "
-             f"agreement {check['agreement']:.1%}, mean depth {check['mean_depth']:.2f}"]
+             f"agreement {check['agreement']:.1%}, mean depth {check['mean_depth']:.2f}, "
+             f"decode cost {check['cost']:.2f}"]
     if not args.dry_run and result.thresholds is not None:
         model_cfg = ck.model_cfg
         model_cfg.exits.thresholds = result.thresholds
@@ -448,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", type=int, default=20,
                    help="validation batches to calibrate on (as many others check the result)")
     s.add_argument("--data", help="calibrate on another corpus (default: the run's)")
+    s.add_argument("--check-cost", type=float,
+                   help="cost of an exit check that does not fire, in layers (default: head / layer FLOPs)")
     s.add_argument("--dry-run", action="store_true", help="report the thresholds without writing them")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_calibrate)

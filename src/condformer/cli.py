@@ -433,12 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--exit-threshold", metavar="P",
-                   help="early exit: a token stops at the first exit whose confidence exceeds P (one number, or one "
-                        "per exit, comma-separated); default: the checkpoint's calibrated thresholds, if any")
-    s.add_argument("--speculative", type=int, metavar="E",
-                   help="self-speculative decoding: draft with the first E layers' exit, verify with all layers")
-    s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification (--speculative)")
+    _add_exit_decoding_args(s, "")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_generate)
 
@@ -473,12 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward mode: routed layers at static capacity (topk) or by learned causal decisions")
     s.add_argument("--data", help="time on windows of this corpus (stdlib, PATH) instead of random tokens")
     s.add_argument("--new-tokens", type=int, help="generate mode: tokens decoded per prompt (default 32)")
-    s.add_argument("--exit-threshold", metavar="P",
-                   help="generate mode: early-exit threshold(s) for --preset (default: its calibrated ones); the "
-                        "baseline --vs decodes at full depth")
-    s.add_argument("--speculative", type=int, metavar="E",
-                   help="generate mode: time --preset with self-speculative decoding (draft depth E)")
-    s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification (--speculative)")
+    _add_exit_decoding_args(s, "generate mode, --preset only (the baseline --vs decodes at full depth): ")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_bench)
@@ -517,6 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_compare)
     return p
+
+
+def _add_exit_decoding_args(s: argparse.ArgumentParser, where: str) -> None:
+    s.add_argument("--exit-threshold", metavar="P",
+                   help=f"{where}early exit: a token stops at the first exit whose confidence exceeds P (one number, "
+                        f"or one per exit, comma-separated); default: the checkpoint's calibrated thresholds, if any")
+    s.add_argument("--speculative", type=int, metavar="E",
+                   help=f"{where}self-speculative decoding: draft with the first E layers' exit, verify with all")
+    s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification (--speculative)")
 
 
 def _add_model_args(s: argparse.ArgumentParser) -> None:

@@ -85,7 +85,9 @@ def test_bench_generate_with_exits_and_speculation(exit_run: Path, env: dict) ->
               "--no-progress", "--json"]
     res = last_json(cf(*common, "--exit-threshold", "0", env=env))
     a, b = (res["models"][k] for k in res["models"])
-    assert a["generation"]["exit_mean_depth"] == 1.0 and b["generation"] == {}  # the baseline: full depth
+    assert a["generation"]["exit_mean_depth"] == 1.0
+    # the baseline: full depth through the same exit decoder, every exit off
+    assert b["generation"]["exit_mean_depth"] == 3.0 and b["generation"]["exit_histogram"][:2] == [0, 0]
     assert res["speedup"] > 0 and res["flop_ratio"] is None
     res = last_json(cf(*common, "--speculative", "2", env=env))
     a = next(iter(res["models"].values()))

@@ -39,6 +39,7 @@ from condformer.routing.mod import MoDRouter
 from helpers import decode_with_cache, naive_greedy, one_line_error
 
 from . import altup_reference as R
+from .fixtures import _one_thread, _seed  # noqa: F401  (autouse fixtures)
 
 D = 32
 V = 260
@@ -46,19 +47,6 @@ F64 = torch.float64
 TOL64 = {"rtol": 0, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    """Each test draws the same random inputs however the suite is ordered or filtered."""
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (100x slower on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- builders -------------------------------------------------------------------------------------

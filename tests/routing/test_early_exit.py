@@ -46,6 +46,7 @@ from condformer.routing.early_exit import layer_dropout_rate, oracle_exits, set_
 from helpers import one_line_error
 
 from . import early_exit_reference as R
+from .fixtures import _one_thread, _seed  # noqa: F401  (autouse fixtures)
 
 D = 32
 V = 260
@@ -58,18 +59,6 @@ TOL_W = {"rtol": 1e-7, "atol": 1e-10}
 TOL_W_GRAD = {"rtol": 1e-7, "atol": 2e-8}  # gradients sum many weighted terms (largest entries ~0.3)
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    """Each test draws the same random inputs however the suite is ordered or filtered."""
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- builders -------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ Cached decoding therefore gives the same logits as a full forward pass with the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +134,27 @@ class Halting(nn.Module):
         log_stop, log_go = F.logsigmoid(z), F.logsigmoid(-z)
         before = torch.cumsum(log_go, dim=-1) - log_go  # sum over n' < n of log(1 - chi_n')
         return torch.cat([log_stop + before, log_go.sum(dim=-1, keepdim=True)], dim=-1)
+
+
+class _Exiting:
+    """Which tokens have stopped, at which depth, with which logits, during an inference pass."""
+
+    def __init__(self, B: int, T: int, n_layers: int, device: torch.device) -> None:
+        self.depth = torch.full((B, T), n_layers, dtype=torch.long, device=device)
+        self.exited = torch.zeros(B, T, dtype=torch.bool, device=device)
+        self.chosen: torch.Tensor | None = None
+
+    def stop(self, now_BT: torch.Tensor, logits_BTV: torch.Tensor, depth: int) -> None:
+        self.chosen = logits_BTV if self.chosen is None else torch.where(now_BT[..., None], logits_BTV, self.chosen)
+        self.depth = torch.where(now_BT, depth, self.depth)
+        self.exited = self.exited | now_BT
+
+    def logits(self, final: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Each token's logits: its exit's, or the last layer's (``final()``, computed only if a token needs it)."""
+        if self.chosen is not None and bool(self.exited.all()):
+            return self.chosen
+        out = final()
+        return out if self.chosen is None else torch.where(self.exited[..., None], self.chosen, out)
 
 
 @dataclass
@@ -317,34 +340,30 @@ class EarlyExit(nn.Module):
                 targets_BT: torch.Tensor | None) -> ExitResult:
         """Inference: each token exits where the policy says; exited states are copied upward."""
         B, T, _ = h_BTD.shape
-        depth_BT = torch.full((B, T), self.n_layers, dtype=torch.long, device=h_BTD.device)
-        exited_BT = torch.zeros(B, T, dtype=torch.bool, device=h_BTD.device)
-        chosen, planned = None, None
+        state = _Exiting(B, T, self.n_layers, h_BTD.device)
+        planned = None
         for i in range(self.n_layers):
             out = model.layers[i](h_BTD, ctx.for_layer(i))
-            h_prev, h_BTD = h_BTD, torch.where(exited_BT[..., None], h_BTD, out)
+            h_prev, h_BTD = h_BTD, torch.where(state.exited[..., None], h_BTD, out)
             if i == 0 and self.halting is not None and self.halting.kind != "geometric":
                 planned = self.halting.log_q_first(h_BTD, ctx.valid_BT).argmax(dim=-1)
                 if planned.dim() == 1:
                     planned = planned[:, None].expand(B, T)
-            k = self.exit_of_layer.get(i)
-            if k is None or k == self.n_exits - 1 or not self.checks(k):
-                continue
-            logits_k = self.exit_logits(k, h_BTD, model)
-            now = self.exits_now(k, logits_k, h_BTD, h_prev, planned) & ~exited_BT
-            chosen = logits_k if chosen is None else torch.where(now[..., None], logits_k, chosen)
-            depth_BT = torch.where(now, i + 1, depth_BT)
-            exited_BT = exited_BT | now
-            if bool(exited_BT.all()):  # no token needs the layers above: nothing attends to them here
+            self.check_exit(i, h_BTD, h_prev, planned, state, model)
+            if bool(state.exited.all()):  # no token needs the layers above: nothing attends to them here
                 break
-        if bool(exited_BT.all()):
-            logits = chosen
-        else:
-            logits = self.exit_logits(self.n_exits - 1, h_BTD, model)
-            if chosen is not None:
-                logits = torch.where(exited_BT[..., None], chosen, logits)
-        self._depth_stats(depth_BT, ctx)
-        return ExitResult(logits, _ce(logits, targets_BT), depth_BT=depth_BT)
+        logits = state.logits(lambda: self.exit_logits(self.n_exits - 1, h_BTD, model))
+        self._depth_stats(state.depth, ctx)
+        return ExitResult(logits, _ce(logits, targets_BT), depth_BT=state.depth)
+
+    def check_exit(self, i: int, h_BTD: torch.Tensor, h_prev_BTD: torch.Tensor, planned_BT: torch.Tensor | None,
+                   state: _Exiting, model: nn.Module) -> None:
+        """After layer ``i``: the tokens that stop at its exit (if it has a checked one) join ``state``."""
+        k = self.exit_of_layer.get(i)
+        if k is None or k == self.n_exits - 1 or not self.checks(k):
+            return
+        logits_k = self.exit_logits(k, h_BTD, model)
+        state.stop(self.exits_now(k, logits_k, h_BTD, h_prev_BTD, planned_BT) & ~state.exited, logits_k, i + 1)
 
     def exits_now(self, k: int, logits_BTV: torch.Tensor, h_BTD: torch.Tensor, h_prev_BTD: torch.Tensor,
                   planned_BT: torch.Tensor | None) -> torch.Tensor:
@@ -490,37 +509,22 @@ class ExitDecoder:
         tokens = tok_B[:, None]
         ctx = model._context(tokens, pos_B1, None, cache)
         h = model.embed(tokens)
-        exited = torch.zeros(B, 1, dtype=torch.bool, device=h.device)
-        depth = torch.full((B, 1), exits.n_layers, dtype=torch.long, device=h.device)
-        chosen, planned = None, None
-        if self.planned_B is not None:
-            planned = self.planned_B[:, None]
+        state = _Exiting(B, 1, exits.n_layers, h.device)
+        planned = None if self.planned_B is None else self.planned_B[:, None]
         for i, layer in enumerate(model.layers):
-            if i > 0 and bool(exited.all()):
+            if i > 0 and bool(state.exited.all()):
                 for j in range(i, exits.n_layers):  # their keys and values wait for a deeper token
                     self.pending[j].append((h, pos_B1))
                 break
             lctx = ctx.for_layer(i)
             self._flush(i, lctx)
             out = layer(h, lctx)
-            h_prev, h = h, torch.where(exited[..., None], h, out)
+            h_prev, h = h, torch.where(state.exited[..., None], h, out)
             if i == 0 and exits.halting is not None and exits.halting.kind == "token":
                 planned = exits.halting.log_q_first(h, None).argmax(dim=-1)
-            k = exits.exit_of_layer.get(i)
-            if k is None or k == exits.n_exits - 1 or not exits.checks(k):
-                continue
-            logits_k = exits.exit_logits(k, h, model)
-            now = exits.exits_now(k, logits_k, h, h_prev, planned) & ~exited
-            chosen = logits_k if chosen is None else torch.where(now[..., None], logits_k, chosen)
-            depth = torch.where(now, i + 1, depth)
-            exited = exited | now
-        if bool(exited.all()):
-            logits = chosen
-        else:
-            logits = exits.exit_logits(exits.n_exits - 1, h, model)
-            if chosen is not None:
-                logits = torch.where(exited[..., None], chosen, logits)
-        self.stats.depths.extend(depth[:, 0].tolist())
+            exits.check_exit(i, h, h_prev, planned, state, model)
+        logits = state.logits(lambda: exits.exit_logits(exits.n_exits - 1, h, model))
+        self.stats.depths.extend(state.depth[:, 0].tolist())
         return logits[:, 0]
 
     def _step_one(self, tok_B: torch.Tensor, pos_B1: torch.Tensor, cache) -> torch.Tensor:  # noqa: ANN001
@@ -573,8 +577,6 @@ class ExitDecoder:
         """Keys and values of layer ``i`` for the tokens that exited below it since it last ran."""
         if not self.pending[i]:
             return
-        import dataclasses
-
         h = torch.cat([s for s, _ in self.pending[i]], dim=1)
         pos = torch.cat([p for _, p in self.pending[i]], dim=1)
         self.model.layers[i].append_kv(h, dataclasses.replace(lctx, positions_BT=pos, valid_BT=None,

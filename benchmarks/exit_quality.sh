@@ -13,8 +13,13 @@ train() {  # name, then the model flag
 train tiny-exit --preset tiny-exit
 train deep-exit --config benchmarks/configs/deep-exit.json
 train deep --config benchmarks/configs/deep.json
+# thresholds within 1% loss: cheapest by FLOPs (an exit check = head / layer FLOPs) and by agreement (reported
+# only), then cheapest for decoding on this CPU (a check's cost measured by exit_check_cost.py), written
 for run in tiny-exit deep-exit; do
-  condformer calibrate "$OUT/$run" --tolerance 0.01 --json | tail -1 > "$OUT.$run.calibrate.json"
+  condformer calibrate "$OUT/$run" --tolerance 0.01 --dry-run --json | tail -1 > "$OUT.$run.calibrate-flops.json"
   condformer calibrate "$OUT/$run" --tolerance 0.01 --metric agreement --dry-run --json | tail -1 \
     > "$OUT.$run.calibrate-agreement.json"
+  python benchmarks/exit_check_cost.py "$OUT/$run" | tail -1 > "$OUT.$run.check-cost.json"
+  cost=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['check_cost_layers'])" "$OUT.$run.check-cost.json")
+  condformer calibrate "$OUT/$run" --tolerance 0.01 --check-cost "$cost" --json | tail -1 > "$OUT.$run.calibrate.json"
 done

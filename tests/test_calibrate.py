@@ -136,3 +136,11 @@ def test_user_errors_are_one_line() -> None:
     assert "halting" in one_line_error(lambda: calibrate(halting, data, 0.01), CondformerError)
     plain = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
     assert "no early exits" in one_line_error(lambda: calibrate(plain, data, 0.01), CondformerError)
+
+
+def test_raising_thresholds_steps_up_one_candidate_and_switches_off_past_the_top() -> None:
+    from condformer.calibrate import _raise
+
+    values = [0.1, 0.5, 0.7, 0.9, float("inf")]
+    assert _raise([0.5, None, 0.9], values) == [0.7, None, None]
+    assert _raise([0.9, None], values) is None  # every exit off: full depth

@@ -19,7 +19,8 @@ argmax recorded), where a threshold vector's quality is a cheap gather: a shared
 confidence quantiles first, then coordinate descent over each exit's threshold (a quantile or off).
 The aligned pass ignores that exited tokens' states are copied upward (later tokens attend to the copies),
 so the chosen thresholds are then **verified exactly** with the model's real early-exit forward; if that
-misses the tolerance, the search is redone with a budget 15% smaller. Reported numbers are the exact ones.
+misses the tolerance, the search is redone with a budget 15% smaller (or, if that finds nothing new, every
+threshold is raised one quantile step) until it holds. Reported numbers are the exact ones.
 """
 
 from __future__ import annotations
@@ -150,18 +151,23 @@ def calibrate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Te
         candidates = torch.cat([values, off]).unique()
         n = exits.n_exits - 1
         budget, chosen, exact = tolerance, None, None
-        tried = set()
-        for _ in range(16):  # the aligned estimate ignores copied states: tighten its budget until exact holds
-            thr = _search(a, depths, candidates, n, lambda lo, ag, b=budget: ok(lo, ag, b), check_cost)
+        # the aligned estimate ignores that later tokens attend to exited tokens' copied states, so the exact
+        # check can fail: then search again with a budget 15% smaller, or, when that finds nothing new (an
+        # estimate can sit at its bound, e.g. 100% agreement), raise every threshold one quantile step
+        values = sorted(candidates.tolist())
+        tried: set[tuple] = set()
+        thr = _search(a, depths, candidates, n, lambda lo, ag, b=budget: ok(lo, ag, b), check_cost)
+        for _ in range(32):
             if thr is None:
                 break
-            if tuple(thr) not in tried:
-                tried.add(tuple(thr))
-                exact = exact_quality(model, batches, thr)
-                if ok(exact["loss"], exact["agreement"], tolerance):
-                    chosen = thr
-                    break
+            tried.add(tuple(thr))
+            exact = exact_quality(model, batches, thr)
+            if ok(exact["loss"], exact["agreement"], tolerance):
+                chosen = thr
+                break
             budget *= 0.85
+            nxt = _search(a, depths, candidates, n, lambda lo, ag, b=budget: ok(lo, ag, b), check_cost)
+            thr = nxt if nxt is not None and tuple(nxt) not in tried else _raise(thr, values)
         if chosen is None:
             exact = exact_quality(model, batches, None)
         cost = decode_cost(exact["histogram"], exits.exit_layers, chosen, check_cost)
@@ -176,18 +182,18 @@ def calibrate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Te
 
 def _search(a: dict[str, torch.Tensor], depths: torch.Tensor, candidates: torch.Tensor, n: int,
             feasible, check_cost: float) -> list[float | None] | None:  # noqa: ANN001
-    """The cheapest feasible thresholds: the best shared one, then coordinate descent (three sweeps) over each
-    exit's threshold among the candidates (inf: off). None when not even a shared threshold is feasible."""
+    """The cheapest feasible thresholds: from the best shared one (or from every exit off, which is full depth and
+    always feasible), coordinate descent (up to four sweeps) over each exit's threshold among the candidates
+    (inf: off). None when the result is every exit off."""
     dtype, device = a["conf"].dtype, a["conf"].device
-    best, best_cost = None, float("inf")
+    best = torch.full((n,), float("inf"), dtype=dtype, device=device)
+    best_cost = _estimate(best, a, depths, check_cost)[3]
     for v in candidates.tolist():
         thr = torch.full((n,), v, dtype=dtype, device=device)
         loss, agree, _, cost = _estimate(thr, a, depths, check_cost)
         if feasible(loss, agree) and cost < best_cost:
             best, best_cost = thr, cost
-    if best is None or not bool(torch.isfinite(best).any()):
-        return None
-    for _ in range(3):
+    for _ in range(4):
         improved = False
         for k in range(n):
             for v in candidates.tolist():
@@ -201,6 +207,12 @@ def _search(a: dict[str, torch.Tensor], depths: torch.Tensor, candidates: torch.
     if not bool(torch.isfinite(best).any()):
         return None
     return [float(v) if v != float("inf") else None for v in best.tolist()]
+
+
+def _raise(thresholds: list[float | None], values: list[float]) -> list[float | None] | None:
+    """Every threshold one candidate higher (past the highest: that exit off); None when every exit is off."""
+    out = [None if t is None else next((v for v in values if v > t and v != float("inf")), None) for t in thresholds]
+    return None if all(t is None for t in out) else out
 
 
 @torch.no_grad()

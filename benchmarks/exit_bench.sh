@@ -7,7 +7,7 @@ set -euo pipefail
 RUN=${RUN:-runs/exit-quality/tiny-exit}
 OUT=${OUT:-runs/exit-bench}
 mkdir -p "$OUT"
-common=(--preset "$RUN" --vs "$RUN" --mode generate --data stdlib --seq-len 320 --new-tokens 128 --repeats 7
+common=(--preset "$RUN" --vs "$RUN" --mode generate --data stdlib --seq-len 320 --new-tokens 128 --repeats 9
         --no-memory --no-progress --json)
 name=$(basename "$RUN")
 condformer bench "${common[@]}" --batch-size 1 | tee "$OUT/$name-exit-b1.txt" | tail -1 > "$OUT/$name-exit-b1.json"

@@ -53,6 +53,7 @@ MODEL_KEYS = {"preset": str, "median_s": float, "times_s": list, "tokens_per_s":
               "peak_memory_bytes": type(None), "forward_flops": int, "train_flops": int, "params": int,
               "flops_per_iter": int, "disturbed": int, "retries": int}
 TOP_KEYS = {"mode", "seq_len", "batch_size", "device", "dtype", "repeats", "models", "time_ratio", "speedup",
+            "paired_speedup",
             "flop_ratio", "ideal_speedup", "efficiency", "memory_ratio", "disturbed", "machine"}
 
 
@@ -95,6 +96,10 @@ def test_result_keys_types_and_ratios(mode: str) -> None:
     a, b = r["models"]["a32"], r["models"]["b64"]
     assert r["time_ratio"] == a["median_s"] / b["median_s"]
     assert r["speedup"] == b["median_s"] / a["median_s"]
+    # paired: the median of the per-repeat ratios (A and B of a repeat are timed back to back)
+    pairs = sorted(tb / ta for ta, tb in zip(a["times_s"], b["times_s"], strict=True))
+    assert r["paired_speedup"] == pytest.approx(pairs[len(pairs) // 2] if len(pairs) % 2 else
+                                                (pairs[len(pairs) // 2 - 1] + pairs[len(pairs) // 2]) / 2)
     assert r["flop_ratio"] == expected_flops(small(), mode) / expected_flops(big(), mode)
     assert 0.2 < r["flop_ratio"] < 0.5  # d=32 vs d=64: roughly a quarter of the work, plus the head
     assert r["ideal_speedup"] == pytest.approx(1 / r["flop_ratio"])
@@ -125,8 +130,8 @@ def test_both_models_get_the_same_seed_and_inputs(monkeypatch: pytest.MonkeyPatc
     built: list[tuple[bench._Bench, torch.Tensor]] = []
     real_build = bench._build
 
-    def spy(*args: Any) -> bench._Bench:
-        b = real_build(*args)
+    def spy(*args: Any, **kwargs: Any) -> bench._Bench:
+        b = real_build(*args, **kwargs)
         built.append((b, args[5]))
         return b
 

@@ -113,6 +113,10 @@ def test_exit_runs_are_calibrated_within_the_tolerance_and_reported(study) -> No
     report = (out / "report.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| `tiny-exit` |") and "of 4" in line)
     assert f"{e['full_loss']:.4f}" in row and f"{e['mean_depth']:.2f} of 4" in row and str(e["histogram"]) in row
+    # an exit switched off (a null threshold) renders as "off"
+    off = {**results, "runs": {**results["runs"], "tiny-exit": {**results["runs"]["tiny-exit"],
+                                                               "exits": {**e, "thresholds": [None, 0.5, None]}}}}
+    assert "| off, 0.500, off |" in render_report(off)
     assert (out / "exit_depth.png").read_bytes()[:4] == b"\x89PNG"
 
 

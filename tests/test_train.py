@@ -154,7 +154,7 @@ def test_checkpoints_are_atomic_and_pruned(corpus: Path, tmp_path: Path) -> None
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000009"
     assert not list((run / "checkpoints").glob(".tmp*"))
     files = {p.name for p in (run / "checkpoints" / "step-00000009").iterdir()}
-    assert files == {"model.safetensors", "optimizer.safetensors", "state.json"}  # nothing pickled
+    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}  # nothing pickled
     # a crash mid-write leaves only a temp dir, which is never loaded
     (run / "checkpoints" / ".tmp-step-00000010").mkdir()
     assert read_checkpoint(run).state["step"] == 9

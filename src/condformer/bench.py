@@ -611,7 +611,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Time ``cfg.mode`` for model A (and baseline B) and return a JSON-able result.
 
     Keys (an interface other tools rely on): ``mode, seq_len, batch_size, device, dtype, repeats,
-    models, time_ratio, speedup, flop_ratio, ideal_speedup, efficiency, memory_ratio, disturbed,
+    models, time_ratio, speedup, paired_speedup, flop_ratio, ideal_speedup, efficiency, memory_ratio, disturbed,
     machine`` (plus ``new_tokens, warmup, min_time_s, contention_threshold, seed, warnings``). Each
     ``models[name]`` holds ``preset, median_s, times_s, tokens_per_s, peak_memory_bytes, forward_flops,
     train_flops, params, flops_per_iter, disturbed, retries, others_cpu_median`` (plus ``others_cpu``,
@@ -692,7 +692,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "contention_threshold": cfg.contention_threshold, "seed": cfg.seed,
         "models": models,
         "time_ratio": None, "speedup": None, "flop_ratio": None, "ideal_speedup": None, "efficiency": None,
-        "memory_ratio": None,
+        "memory_ratio": None, "paired_speedup": None,
         "disturbed": sum(m["disturbed"] for m in models.values()),
         "machine": machine_info(),
         "warnings": warnings,
@@ -701,6 +701,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         a, b = (models[x.name] for x in benches)
         result["time_ratio"] = a["median_s"] / b["median_s"] if b["median_s"] > 0 else None
         result["speedup"] = b["median_s"] / a["median_s"] if a["median_s"] > 0 else None
+        # the median of per-repeat ratios: A and B of one repeat run back to back, so a change of machine speed
+        # between repeats (this VM's speed can shift by 1.5x for minutes) cancels in each ratio
+        pairs = [tb / ta for ta, tb in zip(a["times_s"], b["times_s"], strict=True) if ta > 0]
+        result["paired_speedup"] = statistics.median(pairs) if pairs else None
         result["flop_ratio"] = a["flops_per_iter"] / b["flops_per_iter"]
         result["ideal_speedup"] = 1 / result["flop_ratio"]
         if a["generation"]:  # data-dependent depth: the analytic (full-depth) FLOPs do not bound the speed
@@ -798,6 +802,8 @@ def format_bench(result: dict[str, Any]) -> str:
             f"FLOP ratio {_fmt(result['flop_ratio'], '.2f')}, efficiency {_fmt(result['efficiency'], '.2f')} of ideal; "
             f"{n} disturbed measurements"
         )
+        if result.get("paired_speedup") is not None:
+            lines.append(f"paired speedup (median of per-repeat ratios) {result['paired_speedup']:.2f}x")
         if result["memory_ratio"] is not None:
             lines.append(f"memory ratio A/B = {result['memory_ratio']:.2f}")
     else:

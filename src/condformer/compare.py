@@ -477,7 +477,8 @@ def render_report(results: dict[str, Any]) -> str:
                   "| preset | thresholds | loss at full depth | loss with exits | agreement | mean depth | "
                   "tokens per depth |", "| --- " * 7 + "|"]
         for name, e in exits:
-            thr = "none (full depth)" if e["thresholds"] is None else ", ".join(f"{t:.3f}" for t in e["thresholds"])
+            thr = "none (full depth)" if e["thresholds"] is None else ", ".join(
+                "off" if t is None else f"{t:.3f}" for t in e["thresholds"])
             lines.append(f"| `{name}` | {thr} | {e['full_loss']:.4f} | {e['loss']:.4f} "
                          f"({e['loss'] / e['full_loss'] - 1:+.2%}) | {e['agreement']:.1%} | "
                          f"{e['mean_depth']:.2f} of {e['n_layers']} | {e['histogram']} |")

@@ -233,7 +233,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resu
     device = _resolve_device(cfg)
     rank, world, owns_group = _setup_distributed(device)
     try:
-        return _train(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data, on_step)
+        result = _train(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data, on_step)
+        if owns_group:  # rank 0 may still be writing its checkpoint: tearing gloo down under it aborts a rank
+            dist.barrier()
+        return result
     finally:
         if owns_group:
             dist.destroy_process_group()

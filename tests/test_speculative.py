@@ -363,3 +363,24 @@ def test_speculative_errors():
     one_line_error(lambda: generate(model, [], ok, speculative=1), CondformerError)
     one_line_error(lambda: generate(model, [[1], [2]], ok, speculative=1, on_tokens=print), CondformerError)
     one_line_error(lambda: generate(model, [[1]], greedy(0), speculative=1), CondformerError)
+
+
+def test_exit_and_speculative_decoding_run_under_bf16_autocast() -> None:
+    """The GPU recipe (bf16 autocast over fp32 weights), here on CPU: caches take the autocast dtype, confidences
+    are computed in float32, and both decoders produce full-length, in-vocabulary outputs."""
+    from condformer.config import ExitConfig, ModelConfig
+    from condformer.model import build_model
+    from condformer.routing.early_exit import set_exit_thresholds
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_model=32, n_layers=4, n_heads=2, max_seq_len=64, exits=ExitConfig())).eval()
+    prompts = [[5, 17, 99, 3], [7, 8]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        set_exit_thresholds(model, [0.004, None, 0.0041])
+        stats: dict = {}
+        out = generate(model, prompts, SamplingConfig(max_new_tokens=12, greedy=True), stats=stats)
+        assert [len(o) for o in out] == [12, 12] and all(0 <= t < 260 for o in out for t in o)
+        assert len(stats["exit_depths"]) == 2 * 11 and set(stats["exit_depths"]) <= {1, 3, 4}
+        set_exit_thresholds(model, None)
+        spec = generate(model, prompts, SamplingConfig(max_new_tokens=12, greedy=True), speculative=2)
+        assert [len(o) for o in spec] == [12, 12] and all(0 <= t < 260 for o in spec for t in o)

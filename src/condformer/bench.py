@@ -219,7 +219,7 @@ class _Bench:
     device: torch.device
     optimizer: torch.optim.Optimizer | None = None  # train mode: the memory probe pre-allocates its state
     checkpoint: str | None = None  # weights loaded from this checkpoint (else the bench seed's init)
-    baseline: bool = False  # model B: generate mode decodes it plainly at full depth
+    baseline: bool = False  # model B: generate mode decodes it at full depth (no exits, no speculation)
 
 
 @dataclass
@@ -354,8 +354,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
 
             if baseline:
                 # full depth through the same early-exit decoder with every exit switched off: the ratio then
-                # measures exiting (and its checks) alone, not the decoder's leaner step (0.85x the generic
-                # forward's time per token for tiny on CPU)
+                # measures exiting (and its checks) alone, whatever the two decode paths' own overheads
                 set_exit_thresholds(model, [None] * (model.exits.n_exits - 1))
             elif cfg.exit_threshold is not None:
                 set_exit_thresholds(model, cfg.exit_threshold)
@@ -718,7 +717,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 def _generation_stats(bench: _Bench, cfg: BenchConfig) -> dict[str, Any]:
     """Generate mode with early exits or speculation: one more run's mean depth or acceptance; else empty."""
-    if cfg.mode != "generate":
+    exits = getattr(bench.model, "exits", None)
+    adaptive = exits is not None and exits.policy() != "full"
+    if cfg.mode != "generate" or not (adaptive or (cfg.speculative is not None and not bench.baseline)):
         return {}
     stats: dict[str, Any] = {}
     bench.step(stats)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from condformer.errors import CondformerError
-from condformer.routing.early_exit import confidence, target_log_likelihood
+from condformer.routing.early_exit import IGNORE_INDEX, confidence, target_log_likelihood
 
 METRICS = ("loss", "agreement")
 
@@ -137,7 +137,7 @@ def calibrate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     try:
         parts = [_aligned_pass(model, x, y) for x, y in batches]
         a = {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
-        keep = torch.cat([(y != -100).flatten() for _, y in batches])
+        keep = torch.cat([(y != IGNORE_INDEX).flatten() for _, y in batches])
         a = {k: v[:, keep] for k, v in a.items()}
         depths = exits.depths.to(a["ll"].device)
         full_loss = float(-a["ll"][-1].mean())
@@ -154,22 +154,23 @@ def calibrate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Te
         # the aligned estimate ignores that later tokens attend to exited tokens' copied states, so the exact
         # check can fail: then search again with a budget 15% smaller, or, when that finds nothing new (an
         # estimate can sit at its bound, e.g. 100% agreement), raise every threshold one quantile step
-        values = sorted(candidates.tolist())
+        ladder = sorted(candidates.tolist())
+        reference = full_depth_reference(model, batches)
         tried: set[tuple] = set()
         thr = _search(a, depths, candidates, n, lambda lo, ag, b=budget: ok(lo, ag, b), check_cost)
         for _ in range(32):
             if thr is None:
                 break
             tried.add(tuple(thr))
-            exact = exact_quality(model, batches, thr)
+            exact = exact_quality(model, batches, thr, reference)
             if ok(exact["loss"], exact["agreement"], tolerance):
                 chosen = thr
                 break
             budget *= 0.85
             nxt = _search(a, depths, candidates, n, lambda lo, ag, b=budget: ok(lo, ag, b), check_cost)
-            thr = nxt if nxt is not None and tuple(nxt) not in tried else _raise(thr, values)
+            thr = nxt if nxt is not None and tuple(nxt) not in tried else _raise(thr, ladder)
         if chosen is None:
-            exact = exact_quality(model, batches, None)
+            exact = exact_quality(model, batches, None, reference)
         cost = decode_cost(exact["histogram"], exits.exit_layers, chosen, check_cost)
         return Calibration(thresholds=chosen, metric=metric, tolerance=tolerance, full_loss=exact["full_loss"],
                            loss=exact["loss"], agreement=exact["agreement"], mean_depth=exact["mean_depth"],
@@ -217,34 +218,57 @@ def _raise(thresholds: list[float | None], values: list[float]) -> list[float | 
 
 @torch.no_grad()
 def exact_quality(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  thresholds: list[float] | None) -> dict[str, Any]:
-    """Loss, agreement with full depth and depths of the real early-exit forward (exited states copied upward)."""
+                  thresholds: list[float | None] | None,
+                  full: list[tuple[float, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Loss, agreement with full depth and depths of the real early-exit forward (exited states copied upward).
+
+    ``full``: :func:`full_depth_reference` of the same batches, when the caller checks several thresholds.
+    """
     exits = model.exits
     saved, was_training = exits.thresholds, model.training
     model.eval()
     try:
-        return _exact(model, batches, thresholds)
+        if full is None:
+            full = full_depth_reference(model, batches)
+        return _exact(model, batches, thresholds, full)
+    finally:
+        exits.thresholds = saved
+        model.train(was_training)
+
+
+@torch.no_grad()
+def full_depth_reference(model: torch.nn.Module,
+                         batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, torch.Tensor]]:
+    """(loss, argmax per token) of each batch at full depth: what exact checks compare against."""
+    exits = model.exits
+    saved, was_training = exits.thresholds, model.training
+    model.eval()
+    exits.thresholds = None
+    try:
+        out = []
+        for x, y in batches:
+            o = model(x, y)
+            out.append((float(o.loss), o.logits.argmax(-1)))
+        return out
     finally:
         exits.thresholds = saved
         model.train(was_training)
 
 
 def _exact(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-           thresholds: list[float] | None) -> dict[str, Any]:
+           thresholds: list[float | None] | None, full: list[tuple[float, torch.Tensor]]) -> dict[str, Any]:
     exits = model.exits
+    exits.thresholds = thresholds
     tot_full, tot, agree, n_tok = 0.0, 0.0, 0.0, 0
     hist = [0] * exits.n_layers
     depth_sum = 0.0
-    for x, y in batches:
-        exits.thresholds = None
-        full = model(x, y)
-        exits.thresholds = thresholds
+    for (x, y), (full_loss, full_pred) in zip(batches, full, strict=True):
         out = model(x, y, trace=True)
-        valid = y != -100
+        valid = y != IGNORE_INDEX
         m = int(valid.sum())
-        tot_full += float(full.loss) * m
+        tot_full += full_loss * m
         tot += float(out.loss) * m
-        agree += float(((out.logits.argmax(-1) == full.logits.argmax(-1)) & valid).sum())
+        agree += float(((out.logits.argmax(-1) == full_pred) & valid).sum())
         depth = out.traces.get("exit_depth", torch.full_like(y, exits.n_layers))[valid]
         depth_sum += float(depth.float().sum())
         hist = [h + int((depth == d + 1).sum()) for d, h in enumerate(hist)]
@@ -269,8 +293,9 @@ def depth_quality_curve(model: torch.nn.Module, batches: list[tuple[torch.Tensor
     qs = torch.linspace(0, 1, points, dtype=torch.float32)
     values = torch.quantile(conf[:1_000_000].float(), qs).unique().tolist()
     out, full_loss, tokens = [], None, 0
+    reference = full_depth_reference(model, batches)
     for v in values:
-        q = exact_quality(model, batches, [v] * (exits.n_exits - 1))
+        q = exact_quality(model, batches, [v] * (exits.n_exits - 1), reference)
         full_loss, tokens = q["full_loss"], q["tokens"]
         out.append({"threshold": v, "mean_depth": q["mean_depth"], "loss": q["loss"], "agreement": q["agreement"]})
     return {"points": out, "full_loss": full_loss, "tokens": tokens}

@@ -142,13 +142,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, human, {"checkpoint": str(ck.path), "step": ck.state["step"], **m, "data": data.fingerprint})
 
 
-def parse_thresholds(text: str) -> float | list[float]:
-    """``--exit-threshold``: one number for every exit, or a comma-separated number per exit."""
+def parse_thresholds(text: str) -> float | list[float | None]:
+    """``--exit-threshold``: one number for every exit, or one per exit, comma-separated (``off``: not checked)."""
     try:
-        values = [float(v) for v in text.split(",")]
+        values = [None if v.strip().lower() == "off" else float(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--exit-threshold takes a number or comma-separated numbers, got '{text}'") from None
-    return values[0] if len(values) == 1 else values
+        raise ConfigError(f"--exit-threshold takes a number or comma-separated numbers (or 'off'), got '{text}'") \
+            from None
+    if len(values) == 1:
+        if values[0] is None:
+            raise ConfigError("--exit-threshold off alone switches every exit off: omit the flag for full depth")
+        return values[0]
+    return values
 
 
 def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperature: float, top_k: int | None,
@@ -512,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_exit_decoding_args(s: argparse.ArgumentParser, where: str) -> None:
     s.add_argument("--exit-threshold", metavar="P",
                    help=f"{where}early exit: a token stops at the first exit whose confidence exceeds P (one number, "
-                        f"or one per exit, comma-separated); default: the checkpoint's calibrated thresholds, if any")
+                        f"or one per exit, comma-separated, 'off' for an exit not checked); default: the "
+                        f"checkpoint's calibrated thresholds, if any")
     s.add_argument("--speculative", type=int, metavar="E",
                    help=f"{where}self-speculative decoding: draft with the first E layers' exit, verify with all")
     s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification (--speculative)")

@@ -97,7 +97,7 @@ def count_flops(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> Flo
             heads = head if cfg.exits.head == "shared" else head * n_exits  # separate: every head, then select
             forward = cfg.exits.mixed_samples * (sum(per_layer) + heads)
         else:  # every exit's head (an upper bound at inference, where tokens stop at their exit)
-            forward += EarlyExit.flops(cfg, seq_len, training)
+            forward += EarlyExit.flops(cfg, seq_len)
     import torch
 
     with torch.device("meta"):  # parameter counts without allocating memory

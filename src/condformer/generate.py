@@ -74,6 +74,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return tokens.to(device), positions.to(device), valid.to(device)
 
 
+def check_request(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> None:
+    """One-line errors for what no decoder can do: bad sampling settings, an encoder, empty or too long prompts."""
+    cfg.validate()
+    if not model.cfg.causal:
+        raise CondformerError("generation needs a decoder; this checkpoint is an encoder (masked LM)")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise CondformerError("every prompt needs at least one token; pass a non-empty --prompt")
+    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
+    if longest > model.cfg.max_seq_len:
+        raise CondformerError(
+            f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
+            f"the model's max_seq_len {model.cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -95,23 +110,15 @@ def generate(
     drafting ``draft_tokens`` tokens at a time with the first E layers (:mod:`condformer.speculative`).
     ``stats``, when given, receives the run's exit depths or acceptance counts.
     """
-    cfg.validate()
-    if not model.cfg.causal:
-        raise CondformerError("generation needs a decoder; this checkpoint is an encoder (masked LM)")
     if speculative is not None:
         from condformer.speculative import generate_speculative
 
         return generate_speculative(model, prompts, cfg, speculative, draft_tokens, pad_id=pad_id,
                                     generator=generator, on_tokens=on_tokens, stats=stats)
+    check_request(model, prompts, cfg)
     device = next(model.parameters()).device
     tokens, positions, valid = left_pad(prompts, pad_id, device)
     B, T = tokens.shape
-    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
-    if longest > model.cfg.max_seq_len:
-        raise CondformerError(
-            f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
-            f"the model's max_seq_len {model.cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens"
-        )
     was_training = model.training
     model.eval()
     cache = KVCache.for_model(model, B, T + cfg.max_new_tokens)

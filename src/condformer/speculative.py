@@ -66,19 +66,14 @@ def generate_speculative(model: nn.Module, prompts: Sequence[Sequence[int]], cfg
                          on_tokens: Callable[[torch.Tensor], None] | None = None,
                          stats: dict | None = None) -> list[list[int]]:
     """Continue each prompt with self-speculative decoding; see the module docstring."""
-    cfg.validate()
-    k_draft = check_draft_depth(model, draft_layers)
+    from condformer.generate import check_request
+
+    k_draft = check_draft_depth(model, draft_layers)  # the speculative flag's own error first
+    check_request(model, prompts, cfg)
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise CondformerError(f"draft_tokens must be an integer >= 1, got {draft_tokens}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise CondformerError("every prompt needs at least one token; pass a non-empty --prompt")
     if on_tokens is not None and len(prompts) > 1:
         raise CondformerError("streaming (on_tokens) with speculative decoding takes one prompt at a time")
-    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
-    if longest > model.cfg.max_seq_len:
-        raise CondformerError(
-            f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds "
-            f"the model's max_seq_len {model.cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens")
     was_training = model.training
     model.eval()
     counts = {"drafted": 0, "accepted": 0, "rounds": 0}
@@ -117,7 +112,7 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
     cache = KVCache.for_model(model, 1, T + cfg.max_new_tokens + draft_tokens + 1)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     tok, _ = _pick(model(ids, cache=cache).logits[:, -1], cfg, generator)
-    new = [tok]
+    new: list[int] = []
 
     def emit(tokens: list[int]) -> bool:
         """Append tokens (stopping at eos); True when generation is over."""
@@ -131,9 +126,7 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
                 return True
         return len(new) >= cfg.max_new_tokens
 
-    if on_tokens is not None:
-        on_tokens(torch.tensor([tok], device=device))
-    if cfg.eos_id is not None and tok == cfg.eos_id or cfg.max_new_tokens == 1:
+    if emit([tok]):  # the prefill's token
         return new
     pos = T  # the position of ``tok``, the newest token not yet in the cache
 
@@ -159,8 +152,7 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
         states.append(lower(cur, pos + K))
         H = torch.cat(states, dim=1)
         positions = torch.arange(pos, pos + K + 1, device=device)[None]
-        ctx = model._context(torch.zeros(1, K + 1, dtype=torch.long, device=device), positions, None, cache)
-        ctx.tokens_BT = torch.tensor([[tok, *drafts]], device=device)
+        ctx = model._context(torch.tensor([[tok, *drafts]], device=device), positions, None, cache)
         for m in range(E, N):
             H = model.layers[m](H, ctx.for_layer(m))
         full = exits.exit_logits(exits.n_exits - 1, H, model)[0]  # (K + 1, V)

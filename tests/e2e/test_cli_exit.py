@@ -61,6 +61,8 @@ def test_generate_exit_threshold_and_speculative(exit_run: Path, env: dict) -> N
     assert "exit_mean_depth" not in plain  # uncalibrated: full depth
     shallow = last_json(cf(*args, "--exit-threshold", "0", env=env))  # any confidence > 0: the first exit
     assert shallow["exit_mean_depth"] == 1.0 and shallow["exit_histogram"][0] == 23
+    second = last_json(cf(*args, "--exit-threshold", "off,0", env=env))  # the first exit not checked
+    assert second["exit_mean_depth"] == 2.0 and second["exit_histogram"][1] == 23
     spec = last_json(cf(*args, "--speculative", "1", "--draft-tokens", "3", env=env))
     assert spec["text"] == plain["text"]  # self-speculative greedy == the full model's greedy
     assert 0 <= spec["accepted"] <= spec["drafted"] and spec["rounds"] >= 1
@@ -99,6 +101,7 @@ def test_bench_generate_with_exits_and_speculation(exit_run: Path, env: dict) ->
     (["generate", "RUN", "--prompt", "x", "--speculative", "1", "--exit-threshold", "0.5"],
      "takes no --exit-threshold"),
     (["generate", "RUN", "--prompt", "x", "--exit-threshold", "high"], "--exit-threshold takes a number"),
+    (["generate", "RUN", "--prompt", "x", "--exit-threshold", "off"], "omit the flag for full depth"),
     (["generate", "RUN", "--prompt", "x", "--exit-threshold", "0.5,0.5,0.5"], "give one threshold or 2"),
     (["calibrate", "RUN", "--tolerance", "1.5"], "--tolerance must be in [0, 1)"),
     (["calibrate", "RUN", "--tolerance", "0.01", "--batches", "0"], "--batches must be >= 1"),

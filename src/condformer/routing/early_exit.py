@@ -162,7 +162,6 @@ class ExitResult:
     logits: torch.Tensor
     loss: torch.Tensor | None
     objective: torch.Tensor | None = None  # what training minimises instead of ``loss`` (the exits' weighted mean)
-    depth_BT: torch.Tensor | None = None  # layers each token computed (inference with decisions)
 
 
 class EarlyExit(nn.Module):
@@ -310,22 +309,27 @@ class EarlyExit(nn.Module):
         total, logits = None, None
         for _ in range(self.spec.mixed_samples):
             k_BT = torch.randint(0, self.n_exits, (B, T), device=h0_BTD.device)
-            result = self._given(model, h0_BTD, ctx, targets_BT, self.depths[k_BT])
+            result = self._given(model, h0_BTD, ctx, targets_BT, self.depths[k_BT], k_BT)
             total = result.loss if total is None else total + result.loss
             logits = result.logits
         loss = total / self.spec.mixed_samples
         return ExitResult(logits, loss, loss)
 
     def _given(self, model: nn.Module, h_BTD: torch.Tensor, ctx: Context, targets_BT: torch.Tensor | None,
-               depth_BT: torch.Tensor) -> ExitResult:
-        """Each token computes ``depth_BT`` layers (an exit's depth), then its state is copied upward."""
-        k_BT = self.exit_index_of_depth(depth_BT)
+               depth_BT: torch.Tensor, k_BT: torch.Tensor | None = None) -> ExitResult:
+        """Each token computes ``depth_BT`` layers (an exit's depth), then its state is copied upward.
+
+        ``k_BT``: the exits of those depths when the caller drew them (mixed training), which skips the check
+        (and its host sync) that a caller's depths belong to exits.
+        """
+        if k_BT is None:
+            k_BT = self.exit_index_of_depth(depth_BT)
         for i in range(self.n_layers):
             out = self.run_layer(model, i, h_BTD, ctx)
             h_BTD = torch.where((depth_BT > i)[..., None], out, h_BTD)
         logits = self.logits_at_exits(h_BTD, k_BT, model)
         self._depth_stats(depth_BT, ctx)
-        return ExitResult(logits, _ce(logits, targets_BT), depth_BT=depth_BT)
+        return ExitResult(logits, _ce(logits, targets_BT))
 
     def exit_index_of_depth(self, depth_BT: torch.Tensor) -> torch.Tensor:
         """The exit index of each depth; a depth that is no exit's is a one-line error."""
@@ -354,7 +358,7 @@ class EarlyExit(nn.Module):
                 break
         logits = state.logits(lambda: self.exit_logits(self.n_exits - 1, h_BTD, model))
         self._depth_stats(state.depth, ctx)
-        return ExitResult(logits, _ce(logits, targets_BT), depth_BT=state.depth)
+        return ExitResult(logits, _ce(logits, targets_BT))
 
     def check_exit(self, i: int, h_BTD: torch.Tensor, h_prev_BTD: torch.Tensor, planned_BT: torch.Tensor | None,
                    state: _Exiting, model: nn.Module) -> None:
@@ -367,13 +371,11 @@ class EarlyExit(nn.Module):
 
     def exits_now(self, k: int, logits_BTV: torch.Tensor, h_BTD: torch.Tensor, h_prev_BTD: torch.Tensor,
                   planned_BT: torch.Tensor | None) -> torch.Tensor:
-        """Whether each token stops at exit ``k`` (< the last), under the inference policy."""
+        """Whether each token stops at exit ``k`` (< the last, checked: see :meth:`checks`) under the policy."""
         if self.halting is not None:
             if self.halting.kind == "geometric":
                 return torch.sigmoid(self.halting.halt_logit(k, h_BTD)) > self.spec.halting_tau
             return planned_BT == k
-        if not self.checks(k):
-            return torch.zeros(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
         return confidence(self.spec.confidence, logits_BTV, h_BTD, h_prev_BTD) > self.thresholds[k]
 
     def checks(self, k: int) -> bool:
@@ -398,7 +400,7 @@ class EarlyExit(nn.Module):
 
     # -- cost ----------------------------------------------------------------------------------
     @staticmethod
-    def flops(cfg: ModelConfig, seq_len: int, training: bool) -> int:
+    def flops(cfg: ModelConfig, seq_len: int) -> int:
         """Forward FLOPs of the exits before the last (their heads) and of the halting module, per sequence.
 
         Counted for every exit: aligned training computes all of them, and confidence inference computes
@@ -426,8 +428,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 def _ce(logits_BTV: torch.Tensor, targets_BT: torch.Tensor | None) -> torch.Tensor | None:
     if targets_BT is None:
         return None
-    wide = logits_BTV.to(torch.promote_types(logits_BTV.dtype, torch.float32))
-    return F.cross_entropy(wide.flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(_wide(logits_BTV).flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def set_exit_thresholds(model: nn.Module, thresholds: float | list[float] | None) -> None:

@@ -9,20 +9,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from condformer import KVCache, ModelConfig, build_model
+from condformer import KVCache, LayerSpec, ModelConfig, build_model
 
 pytestmark = pytest.mark.compile
 
 
 ALTUP = {"k": 2, "variant": "recycled", "coefficients": "gemma"}
 EXITS = {"halting": "token"}  # aligned training of every exit plus a halting module and its oracle
+# skipless blocks: in-place accumulation, gains folded into the attention, the dense router's output path
+SHAPED = [LayerSpec(block="sasp", options={"value_matrix": True}), LayerSpec(block="sas")]
 
 
-@pytest.mark.parametrize("altup,exits", [(None, None), (ALTUP, None), (None, EXITS)], ids=["dense", "altup", "exits"])
-def test_training_path_compiles_fullgraph(altup: dict | None, exits: dict | None) -> None:
+@pytest.mark.parametrize("altup,exits,layers", [(None, None, None), (ALTUP, None, None), (None, EXITS, None),
+                                               (None, None, SHAPED)], ids=["dense", "altup", "exits", "shaped"])
+def test_training_path_compiles_fullgraph(altup: dict | None, exits: dict | None, layers: list | None) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, altup=altup, exits=exits))
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, altup=altup, exits=exits,
+                                    **({"layers": layers} if layers else {})))
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randint(0, 260, (2, 16))
     out = compiled(x, x)

@@ -314,10 +314,12 @@ def test_control_dropping_pending_keys_and_values_changes_the_logits():
 # -- append_kv == the keys and values the full layer caches ---------------------------------------------
 @pytest.mark.parametrize("padded", [False, True], ids=["all_valid", "padded"])
 @pytest.mark.parametrize("router", ["dense", "mod"])
-@pytest.mark.parametrize("block", ["preln", "parallel", "sas", "sasp"])
+@pytest.mark.parametrize("block", ["preln", "parallel", "sas", "sasp", "sasp-value"])
 @torch.no_grad()
 def test_append_kv_equals_the_layers_cached_keys_and_values(block, router, padded):
     options = dict(MOD.options) if router == "mod" else {}
+    if block == "sasp-value":  # shaped attention with the optional value matrix: values are x (I + W)
+        block, options = "sasp", {**options, "value_matrix": True}
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
                       layers=[LayerSpec(block=block, router=router, options=options)])
     torch.manual_seed(1)

@@ -105,8 +105,9 @@ def _gains(attn: ShapedAttention) -> tuple[torch.Tensor, ...]:
 
 def shaped_ref(attn: ShapedAttention, x_BTD: torch.Tensor, pos_BT: torch.Tensor, M_BTT: torch.Tensor,
                C_BTT: torch.Tensor, gains: tuple[torch.Tensor, ...] | None = None,
-               zero_queries: bool = False) -> torch.Tensor:
-    """Per row and head: A = softmax(Q K^T / sqrt(d) masked), out = (beta A + alpha I - gamma C) V, V = x's slice."""
+               zero_queries: bool = False, values_BTD: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row and head: A = softmax(Q K^T / sqrt(d) masked), out = (beta A + alpha I - gamma C) V, V = x's slice
+    (or ``values_BTD``'s slice: the reference's caller computes values itself)."""
     B, T, Dm = x_BTD.shape
     nh = attn.n_heads
     hd = Dm // nh
@@ -116,6 +117,7 @@ def shaped_ref(attn: ShapedAttention, x_BTD: torch.Tensor, pos_BT: torch.Tensor,
         Wq = torch.zeros_like(Wq)
     alpha, beta, gamma = _gains(attn) if gains is None else gains
     x = x_BTD.double()
+    vals = x if values_BTD is None else values_BTD.double()
     out = torch.zeros(B, T, Dm, dtype=torch.float64)
     eye = torch.eye(T, dtype=torch.float64)
     for b in range(B):
@@ -129,7 +131,7 @@ def shaped_ref(attn: ShapedAttention, x_BTD: torch.Tensor, pos_BT: torch.Tensor,
             e = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
             A = e / e.sum(dim=-1, keepdim=True)
             A_tilde = beta[h] * A + alpha[h] * eye - gamma[h] * C_BTT[b]
-            out[b, :, sl] = A_tilde @ x[b, :, sl]
+            out[b, :, sl] = A_tilde @ vals[b, :, sl]
     return out
 
 
@@ -172,11 +174,13 @@ def mlp_ref(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- builders ------------------------------------------------------------------------------------
-def _shaped(tiny_cfg, dtype=torch.float64, perturb: bool = True) -> ShapedAttention:
-    attn = ShapedAttention(tiny_cfg(n_heads=H)).to(dtype)
+def _shaped(tiny_cfg, dtype=torch.float64, perturb: bool = True, value_matrix: bool = False) -> ShapedAttention:
+    attn = ShapedAttention(tiny_cfg(n_heads=H), value_matrix=value_matrix).to(dtype)
     if perturb:
         with torch.no_grad():
             attn.qk.weight.normal_(std=0.3)  # non-zero queries: A != C
+            if value_matrix:
+                attn.value.weight.normal_(std=0.3)
             attn.alpha.copy_(torch.tensor([0.5, 1.5, -0.3, 2.0]).view(1, H, 1, 1))
             attn.beta.copy_(torch.tensor([1.2, 0.4, 0.9, -0.8]).view(1, H, 1, 1))
             attn.gamma.copy_(torch.tensor([0.7, 1.9, -1.1, 0.25]).view(1, H, 1, 1))
@@ -201,6 +205,8 @@ def _perturb(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, ShapedAttention):
             m.qk.weight.normal_(std=0.3)
+            if m.value is not None:
+                m.value.weight.normal_(std=0.3)
             for name in ("alpha", "beta", "gamma"):
                 getattr(m, name).uniform_(0.5, 1.5)
         elif isinstance(m, (RMSNorm, nn.LayerNorm)):
@@ -245,6 +251,87 @@ def test_shaped_attention_has_no_value_or_output_projection(tiny_cfg):
     attn = ShapedAttention(tiny_cfg(n_heads=H))
     shapes = {n: tuple(p.shape) for n, p in attn.named_parameters()}
     assert shapes == {"qk.weight": (2 * D, D), "alpha": (1, H, 1, 1), "beta": (1, H, 1, 1), "gamma": (1, H, 1, 1)}
+
+
+def _values_ref(attn: ShapedAttention, x: torch.Tensor) -> torch.Tensor:
+    """V = x (I + W)^T: the identity plus the optional trainable value matrix."""
+    return x.double() + x.double() @ attn.value.weight.detach().double().T
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_value_matrix_matches_formula(tiny_cfg, causal):
+    """Optional first-layer value matrix (official SAS config): V = x (I + W), queries and keys from x."""
+    attn = _shaped(tiny_cfg, value_matrix=True)
+    B, T = 2, 7
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    pos = torch.arange(T).expand(B, T)
+    y = attn(x, Context(positions_BT=pos, causal=causal))
+    M, C = allowed_ref(pos, None, causal), explicit_C(B, T, causal)
+    expected = shaped_ref(attn, x, pos, M, C, values_BTD=_values_ref(attn, x))
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+    assert (expected - shaped_ref(attn, x, pos, M, C)).abs().max() > 1e-2  # W matters in this check
+    # the padded (masked-mean) path uses the same values
+    pos_p, valid = _left_padded([7, 3])
+    y = attn(x, Context(positions_BT=pos_p, causal=causal, valid_BT=valid, contiguous=False))
+    M = allowed_ref(pos_p, valid, causal)
+    expected = shaped_ref(attn, x, pos_p, M, uniform_ref(M), values_BTD=_values_ref(attn, x))
+    torch.testing.assert_close(y[valid], expected[valid], rtol=0, atol=1e-10)
+
+
+def test_value_matrix_starts_at_zero_so_attention_is_still_the_identity(tiny_cfg):
+    attn = _shaped(tiny_cfg, perturb=False, value_matrix=True)
+    assert torch.equal(attn.value.weight.detach(), torch.zeros(D, D)) and attn.value.weight.requires_grad
+    x = torch.randn(2, 7, D, dtype=torch.float64)
+    with torch.no_grad():
+        y = attn(x, Context(positions_BT=torch.arange(7).expand(2, 7), causal=True))
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", ["sas", "sasp"])
+@pytest.mark.parametrize("layout", ["contiguous", "padded"])
+def test_gradients_match_finite_differences(tiny_cfg, block, layout):
+    """The block's backward (gains folded into the attention's coefficients, in-place accumulation, the
+    value matrix) against finite differences, in float64, for the input and every parameter."""
+    cfg = _cfg(tiny_cfg, block, n_layers=2, value_matrix=True, beta_ff=0.3, beta_sa=0.8).validate()
+    layer = _perturb(build_layer(cfg, 0).double())
+    with torch.no_grad():
+        layer.block.attn.value.weight.normal_(std=0.3)
+    names = [n for n, _ in layer.named_parameters()]
+    B, T = 2, 5
+    if layout == "contiguous":
+        ctx = Context(positions_BT=torch.arange(T).expand(B, T), causal=True)
+    else:
+        pos, valid = _left_padded([5, 3])
+        ctx = Context(positions_BT=pos, causal=True, valid_BT=valid, contiguous=False)
+
+    def f(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (x, ctx))
+
+    x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("block", ["sas", "sasp"])
+def test_blocks_train_and_decode_under_bf16_autocast(tiny_cfg, block):
+    """The GPU recipe (bf16 autocast over fp32 weights), here on CPU: same loss as fp32 to bf16 precision,
+    finite gradients for every parameter, cached decoding close to the full forward."""
+    cfg = _cfg(tiny_cfg, block, value_matrix=True, init_std=0.02)
+    model = build_model(cfg)
+    tokens = _tokens(2, 16)
+    ref = model(tokens, tokens).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, tokens)
+    torch.testing.assert_close(out.loss.float(), ref, rtol=2e-2, atol=2e-2)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(tokens[:1]).logits.float()
+        cache = KVCache.for_model(model, 1, 16)
+        model(tokens[:1, :10], cache=cache)
+        step = model(tokens[:1, 10:11], positions_BT=torch.tensor([[10]]), cache=cache).logits.float()
+    torch.testing.assert_close(step[0, -1], full[0, 10], rtol=5e-2, atol=5e-2)
 
 
 # -- 2. padding, non-contiguous subsets, KV cache -------------------------------------------------
@@ -420,13 +507,15 @@ def test_parameter_counts(d, norm):
     assert count("sas", block_norm=False)[0] == L * (10 * d * d + gains) + 2 * d + ns
     assert count("sasp", block_norm=False)[0] == L * (10 * d * d + gains) + 2 * d + ns
     assert count("preln", block_norm=False)[0] == L * 12 * d * d + 2 * d + ns
+    # the optional value matrix gives back d^2 per block that has it
+    assert count("sasp", value_matrix=True)[0] == sasp + L * d * d
 
 
 # -- 5. cached decoding and generation ----------------------------------------------------------------
-@pytest.mark.parametrize("block", ["parallel", "sas", "sasp"])
+@pytest.mark.parametrize("block", ["parallel", "sas", "sasp", "sasp-value"])
 @torch.no_grad()
 def test_cached_decoding_matches_full_forward(tiny_cfg, block):
-    model = _model64(tiny_cfg, block)
+    model = _model64(tiny_cfg, "sasp", value_matrix=True) if block == "sasp-value" else _model64(tiny_cfg, block)
     T, P = 12, 5
     tokens = _tokens(1, T)
     full = model(tokens).logits
@@ -634,6 +723,15 @@ def test_flops_match_flop_counter(tiny_cfg, block, kind, T):
     assert report.per_layer == [proj * T * D * D + 4 * T * T * D + 16 * T * D * D] * 2
 
 
+def test_value_matrix_flops_match_flop_counter(tiny_cfg):
+    T = 16
+    cfg = _cfg(tiny_cfg, "sasp", value_matrix=True)
+    measured = _measured(build_model(cfg), _tokens(1, T))
+    report = count_flops(cfg, T)
+    assert abs(report.forward_flops - measured) <= 0.01 * measured, (report.forward_flops, measured)
+    assert report.per_layer == [p + 2 * T * D * D for p in count_flops(_cfg(tiny_cfg, "sasp"), T).per_layer]
+
+
 # -- 10. option validation -----------------------------------------------------------------------------
 @pytest.mark.parametrize(("block", "options", "name"), [
     ("sas", {"block_norm": "yes"}, "block_norm"),
@@ -644,6 +742,8 @@ def test_flops_match_flop_counter(tiny_cfg, block, kind, T):
     ("sasp", {"beta_ff": True}, "beta_ff"),
     ("sasp", {"beta_sa": "1"}, "beta_sa"),
     ("sas", {"beta_sa": None}, "beta_sa"),
+    ("sasp", {"value_matrix": 1}, "value_matrix"),
+    ("parallel", {"value_matrix": True}, "value_matrix"),  # standard attention has its own value matrix
     ("parallel", {"beta_ff": 0.1}, "beta_ff"),  # parallel has no gains: unknown option
 ])
 def test_bad_options_raise_one_line_config_error(tiny_cfg, block, options, name):
@@ -652,7 +752,7 @@ def test_bad_options_raise_one_line_config_error(tiny_cfg, block, options, name)
 
 
 @pytest.mark.parametrize(("block", "options"), [
-    ("sas", {"block_norm": False, "beta_ff": 0, "beta_sa": 2}), ("sasp", {"beta_ff": 0.2}),
+    ("sas", {"block_norm": False, "beta_ff": 0, "beta_sa": 2}), ("sasp", {"beta_ff": 0.2, "value_matrix": True}),
     ("parallel", {"block_norm": False}), ("preln", {"block_norm": True}),
 ])
 def test_good_options_build(tiny_cfg, block, options):
@@ -667,9 +767,14 @@ def test_presets():
             cfg = preset(f"{size}-{block}")
             assert cfg.kind == "decoder" and [s.block for s in cfg.layer_specs()] == [block] * dims["n_layers"]
             assert (cfg.d_model, cfg.n_heads) == (dims["d_model"], dims["n_heads"])
+            # shaped blocks: a value matrix in layer 0 only (the official SAS / SAS-P configuration)
+            values = [s.options.get("value_matrix", False) for s in cfg.layer_specs()]
+            first_only = [True] + [False] * (dims["n_layers"] - 1)
+            assert values == (first_only if block != "parallel" else [False] * len(values))
         for name, block in ((f"{size}-bert", "preln"), (f"{size}-bert-sasp", "sasp")):
             cfg = preset(name)
             assert cfg.kind == "encoder" and {s.block for s in cfg.layer_specs()} == {block}
+            assert cfg.layer_specs()[0].options.get("value_matrix", False) == (block == "sasp")
 
 
 def test_sasp_encoder_trains_on_masked_lm_and_attends_both_ways(tiny_cfg):

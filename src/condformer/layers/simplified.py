@@ -2,7 +2,8 @@
 
 Each returns the residual-free update the router contract asks for. SAS and SAS-P have no skip
 connection: their output *replaces* x (the identity path is shaped attention's alpha * I), so their
-update is ``out - x`` and the dense router's ``x + update`` is ``out``::
+update is ``out - x`` and the dense router's ``x + update`` is ``out``. They also offer ``output(x)``,
+which the dense router calls instead, to skip the two passes of subtracting and adding x back::
 
     parallel: out = x + Attn(N1 x) + FFN(N1 x)                     one shared norm
     sas:      h = beta_SA * ShapedAttn(N1 x);  out = h + beta_FF * FFN(N2 h)
@@ -29,7 +30,7 @@ from condformer.layers.norms import block_norm, check_block_norm_option
 from condformer.layers.shaped_attention import ShapedAttention
 from condformer.registry import BLOCKS, FFNS
 
-DEFAULTS: dict[str, Any] = {"block_norm": True, "beta_ff": 0.1, "beta_sa": 1.0}
+DEFAULTS: dict[str, Any] = {"block_norm": True, "beta_ff": 0.1, "beta_sa": 1.0, "value_matrix": False}
 
 
 def _opt(spec: LayerSpec, name: str) -> Any:
@@ -40,7 +41,10 @@ def validate_block_options(spec: LayerSpec, cfg: ModelConfig, i: int, names: tup
     check_block_norm_option(spec, i)
     for name in names:
         v = _opt(spec, name)
-        if name != "block_norm" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if name == "value_matrix":
+            if not isinstance(v, bool):
+                raise ConfigError(f"layers[{i}]: value_matrix must be true or false, got {v!r}")
+        elif name != "block_norm" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ConfigError(f"layers[{i}]: {name} must be a number, got {v!r}")
 
 
@@ -80,10 +84,17 @@ class _ShapedBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
         super().__init__()
         self.norm1 = block_norm(cfg, spec, layer_index)
-        self.attn = ShapedAttention(cfg)
+        self.attn = ShapedAttention(cfg, value_matrix=_opt(spec, "value_matrix"))
         self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
         self.beta_ff = nn.Parameter(torch.tensor(float(_opt(spec, "beta_ff"))))
         self.beta_sa = nn.Parameter(torch.tensor(float(_opt(spec, "beta_sa"))))
+
+    def output(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The block's output, which replaces ``x`` (no skip connection)."""
+        raise NotImplementedError
+
+    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.output(x_BTD, ctx) - x_BTD
 
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
         """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""
@@ -95,7 +106,8 @@ class _ShapedBlock(nn.Module):
 
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:
-        return ShapedAttention.flops(cfg, n_queries, n_keys) + FFNS.get(spec.ffn).flops(cfg, spec, n_queries)
+        return (ShapedAttention.flops(cfg, n_queries, n_keys, _opt(spec, "value_matrix"))
+                + FFNS.get(spec.ffn).flops(cfg, spec, n_queries))
 
 
 @BLOCKS.register("sas")
@@ -106,17 +118,16 @@ class SASBlock(_ShapedBlock):
         super().__init__(cfg, spec, layer_index)
         self.norm2 = block_norm(cfg, spec, layer_index, first=False)
 
-    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
-        h = self.beta_sa * self.attn(self.norm1(x_BTD), ctx)
-        out = h + self.beta_ff * self.ffn(self.norm2(h), ctx)
-        return out.to(x_BTD.dtype) - x_BTD
+    def output(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = self.attn(self.norm1(x_BTD), ctx, gain=self.beta_sa)
+        return torch.addcmul(h, self.ffn(self.norm2(h), ctx), self.beta_ff).to(x_BTD.dtype)
 
 
 @BLOCKS.register("sasp")
 class SASPBlock(_ShapedBlock):
     """Skipless attention, parallel, no skip at all: ``beta_SA * ShapedAttn(N1 x) + beta_FF * FFN(N1 x)``."""
 
-    def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def output(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
         z = self.norm1(x_BTD)
-        out = self.beta_sa * self.attn(z, ctx) + self.beta_ff * self.ffn(z, ctx)
-        return out.to(x_BTD.dtype) - x_BTD
+        # the attention's fresh output takes the FFN in place (beta_SA is folded into its coefficients)
+        return self.attn(z, ctx, gain=self.beta_sa).addcmul_(self.ffn(z, ctx), self.beta_ff).to(x_BTD.dtype)

@@ -19,8 +19,12 @@ class DenseRouter(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int, block: nn.Module) -> None:
         super().__init__()
         self.block = block
+        # skipless blocks (SAS, SAS-P) replace x: take their output as is rather than x + (output - x)
+        self.skipless = hasattr(block, "output")
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if self.skipless:
+            return self.block.output(x_BTD, ctx)
         return x_BTD + self.block(x_BTD, ctx)
 
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:

@@ -9,7 +9,7 @@ set -euo pipefail
 OUT=${OUT:-runs/blocks-quality}
 STEPS=${STEPS:-800}
 JOBS=${JOBS:-2}
-SWEEP=${SWEEP:-"tiny:0.002,0.004,0.008 tiny-parallel:0.004,0.008 tiny-sas:0.008,0.016 tiny-sasp:0.004,0.008,0.016"}
+SWEEP=${SWEEP:-"tiny:0.002,0.004,0.008 tiny-sasp:0.004,0.008,0.016,0.032 tiny-sas:0.008,0.016,0.032 tiny-parallel:0.004,0.008,0.016"}
 mkdir -p "$OUT"
 runs=()
 for entry in $SWEEP; do

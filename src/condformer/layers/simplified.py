@@ -11,8 +11,10 @@ which the dense router calls instead, to skip the two passes of subtracting and 
 
 Options (``LayerSpec.options``): ``block_norm`` (default true; false drops the block's norms, except a
 LayerNorm at the input of layer 0, the paper's no-norm variant), ``beta_ff`` (initial FFN gain, default
-0.1) and ``beta_sa`` (initial attention gain, default 1). Both gains are trainable and excluded from weight
-decay. Any FFN from the registry works (MLP, MoE); any router wraps these blocks.
+0.1) and ``beta_sa`` (initial attention gain, default 1), both trainable and excluded from weight decay, and
+``value_matrix`` (default false; true gives the shaped attention W_V = I + W with W zero at init, which the
+``<size>-sas``/``-sasp`` presets use in layer 0 only, as the official configuration does). Any FFN from the
+registry works (MLP, MoE); any router wraps these blocks.
 """
 
 from __future__ import annotations

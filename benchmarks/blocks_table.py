@@ -1,7 +1,7 @@
 """Table of benchmarks/blocks_quality.sh: validation loss per step, each preset at its best learning rate.
 
 Usage: python benchmarks/blocks_table.py runs/blocks-quality
-The baseline is the first preset of the sweep (Pre-LN, ``tiny`` or ``tiny-bert``).
+The baseline is the preset with the shortest name, which the others extend (``tiny``, ``tiny-bert``, ``deep``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(out: Path) -> None:
     if not runs:
         raise SystemExit(f"no finished runs in {out}")
     best = {name: min(by_lr, key=lambda lr: by_lr[lr][max(by_lr[lr])]) for name, by_lr in runs.items()}
-    base = min(runs, key=len)  # the shortest name: `tiny` (or `tiny-bert`), which the others extend
+    base = min(runs, key=len)
     base_curve = runs[base][best[base]]
     steps = sorted(base_curve)
     print("| preset | final val loss per peak lr | best lr | " + " | ".join(f"step {s}" for s in steps)

@@ -206,21 +206,17 @@ def test_halting_generation_equals_forward_with_same_exits(kind, prompts):
 
 
 @torch.no_grad()
-def test_sequence_halting_keeps_the_prompts_depth():
-    """One depth per sequence, decided in the prefill from the prompt's mean first-layer state."""
+def test_sequence_halting_decodes_the_depths_of_the_full_forward():
+    """Causal sequence pooling: a token's depth comes from the mean first-layer state of its own prefix, in
+    cached decoding (a running mean from the prefill on) exactly as in the full forward evaluation runs."""
     prompts = [[5, 17, 99, 3, 250, 41], [200, 8, 64], [7, 7, 1, 90]]
     model = make_model(halting="sequence", seed=3)
     out, stats, got, _ = generate_capturing(model, prompts, 12)
-    depths = depths_by_step(stats, len(prompts))
-    assert (depths == depths[:1]).all()  # every generated token of a row at its row's depth
-    # ... which is the halting module's choice from the padded prompt's first-layer states
-    tokens, positions, valid = left_pad(prompts, 0, CPU)
-    ctx = model._context(tokens, positions, valid, None)
-    h1 = model.layers[0](model.embed(tokens), ctx.for_layer(0))
-    planned = model.exits.halting.log_q_first(h1, valid).argmax(dim=-1)
-    assert depths[0].tolist() == model.exits.depths[planned].tolist()
-    assert len(set(depths[0].tolist())) > 1  # the rows differ, and some stop early
-    assert min(depths[0].tolist()) < L
+    depths = depths_by_step(stats, len(prompts))  # (steps, B): the decoded tokens out[b][:-1]
+    tokens, positions, valid = left_pad([p + row[:-1] for p, row in zip(prompts, out, strict=True)], 0, CPU)
+    full = model(tokens, positions_BT=positions, valid_BT=valid, trace=True).traces["exit_depth"]
+    assert torch.equal(full[:, -depths.shape[0]:].T, depths)
+    assert len(set(depths.flatten().tolist())) > 1 and min(depths.flatten().tolist()) < L  # some stop early
     want = forward_with_depths(model, prompts, [row[:-1] for row in out], depths)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 

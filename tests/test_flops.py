@@ -179,7 +179,8 @@ def test_moe_flops_scale_with_active_experts_not_total():
     assert ffn_flops(moe_router="soft") == dense + 7 * mlp + router
 
 
-@pytest.mark.parametrize("opts", [{}, {"eval_capacity_factor": 2.0}, {"null_experts": 8, "top_k": 2}],
+@pytest.mark.parametrize("opts", [{}, {"eval_capacity_factor": 2.0, "allow_noncausal": True},
+                                  {"null_experts": 8, "top_k": 2}],
                          ids=["dropless-eval", "eval-capacity", "integrated-mode"])
 def test_moe_eval_flops_count_what_evaluation_runs(opts):
     from condformer.config import LayerSpec

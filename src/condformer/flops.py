@@ -18,7 +18,7 @@ from condformer.registry import BLOCKS, ROUTERS
 class FlopReport:
     seq_len: int
     forward_flops: int  # per sequence
-    train_flops: int  # per sequence, 3 x forward
+    train_flops: int  # per sequence, 3 x forward (a pass without gradients counts once)
     params: int  # all trainable parameters (tied head counted once)
     non_embedding_params: int
     per_layer: list[int] = field(default_factory=list)
@@ -89,12 +89,14 @@ def count_flops(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> Flo
     per_layer = [layer_forward_flops(cfg, i, seq_len) for i in range(cfg.n_layers)]
     head = head_forward_flops(cfg, seq_len)
     forward = sum(per_layer) + head
+    no_grad = 0  # forward work without a backward pass
     if cfg.exits is not None:
         from condformer.routing.early_exit import EarlyExit
 
         if training and cfg.exits.training == "mixed":  # M passes: the layers and each token's own exit head
             n_exits = len(cfg.exits.exit_layers(cfg.n_layers))
             heads = head if cfg.exits.head == "shared" else head * n_exits  # separate: every head, then select
+            no_grad = forward  # plus one full-depth pass without gradients for the last layer's loss
             forward = cfg.exits.mixed_samples * (sum(per_layer) + heads)
         else:  # every exit's head (an upper bound at inference, where tokens stop at their exit)
             forward += EarlyExit.flops(cfg, seq_len)
@@ -103,6 +105,7 @@ def count_flops(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> Flo
     with torch.device("meta"):  # parameter counts without allocating memory
         model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
-    return FlopReport(seq_len=seq_len, forward_flops=forward, train_flops=3 * forward, params=params,
+    return FlopReport(seq_len=seq_len, forward_flops=forward + no_grad, train_flops=3 * forward + no_grad,
+                      params=params,
                       non_embedding_params=params - model.embed.weight.numel(), per_layer=per_layer,
                       head_flops=head)

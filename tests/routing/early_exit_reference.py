@@ -243,16 +243,21 @@ def log_softmax_list(z: list[float]) -> list[float]:
 
 
 def log_q_sequence(W: torch.Tensor, bias: torch.Tensor, h1_BTD: torch.Tensor,
-                   valid_BT: torch.Tensor | None) -> list[list[float]]:
-    """log softmax(W mean_t(h1_t) + b), the mean over valid tokens; one distribution per sequence."""
+                   valid_BT: torch.Tensor | None) -> list[list[list[float]]]:
+    """log softmax(W mean_{s<=t}(h1_s) + b) [b][t]: the mean over the valid tokens of each prefix 0..t (causal
+    sequence pooling); a prefix with no valid token pools to 0."""
     B, T, D = h1_BTD.shape
     out = []
     for b in range(B):
-        ts = [t for t in range(T) if valid_BT is None or bool(valid_BT[b, t])]
-        rows = [h1_BTD[b, t].tolist() for t in ts]
-        pooled = [sum(r[d] for r in rows) / len(ts) for d in range(D)]
-        z = [sum(w * p for w, p in zip(W[n].tolist(), pooled, strict=True)) + float(bias[n]) for n in range(W.shape[0])]
-        out.append(log_softmax_list(z))
+        row = []
+        for t in range(T):
+            ts = [s for s in range(t + 1) if valid_BT is None or bool(valid_BT[b, s])]
+            rows = [h1_BTD[b, s].tolist() for s in ts]
+            pooled = [sum(r[d] for r in rows) / max(len(ts), 1) for d in range(D)]
+            z = [sum(w * v for w, v in zip(W[n].tolist(), pooled, strict=True)) + float(bias[n])
+                 for n in range(W.shape[0])]
+            row.append(log_softmax_list(z))
+        out.append(row)
     return out
 
 
@@ -296,16 +301,15 @@ def oracle(ll: list[list[list[float]]], correct: list[list[list[float]]], depths
         smoothed = []
         for b in range(B):
             row = []
-            for t in range(T):
-                num, den = [0.0] * E, 0.0
+            for t in range(T):  # DAT: the scores convolved with the kernel (a sum, not an average)
+                num = [0.0] * E
                 for s in range(T):
                     if not valid[b][s]:
                         continue
                     w = math.exp(-((t - s) ** 2) / sigma)
-                    den += w
                     for n in range(E):
                         num[n] += w * score[b][s][n]
-                row.append([v / den if den > 0 else 0.0 for v in num])
+                row.append(num)
             smoothed.append(row)
         score = smoothed
 

@@ -113,7 +113,8 @@ ROUTERS = {
 PATHS = {
     "sorted": {"dispatch": "sorted", "capacity_factor": None},
     "loop": {"dispatch": "loop", "capacity_factor": None},
-    "capacity": {"capacity_factor": 64.0, "eval_capacity_factor": 64.0},  # C = N: nothing can drop
+    # C = N: nothing can drop (eval capacity is refused in decoders unless allowed: it can see the future)
+    "capacity": {"capacity_factor": 64.0, "eval_capacity_factor": 64.0, "allow_noncausal": True},
 }
 # GELU in training mode and SwiGLU in eval mode (noisy top-k is deterministic only in eval)
 CASES = [(r, p, mlp, "eval" if r == "noisy_topk" or mlp == "swiglu" else "train")
@@ -304,7 +305,8 @@ def test_eval_uses_the_eval_capacity_factor():
     y_train, ctx = _run(ffn.train(), x)
     torch.testing.assert_close(y_train, R.moe(W, x, capacity_factor=0.5).y, **TOL64)
     assert _stat(ctx, "moe_dropped_frac") > 0.2
-    strict = _ffn(experts=4, top_k=2, capacity_factor=None, eval_capacity_factor=0.5, dispatch="sorted")
+    strict = _ffn(experts=4, top_k=2, capacity_factor=None, eval_capacity_factor=0.5, dispatch="sorted",
+                  allow_noncausal=True)
     strict.load_state_dict(ffn.state_dict())
     torch.testing.assert_close(_run(strict.eval(), x)[0], y_train, rtol=0, atol=0)
     torch.testing.assert_close(_run(strict.train(), x)[0], y_eval, rtol=0, atol=0)
@@ -864,7 +866,8 @@ def test_eval_output_is_causal(router):
         assert (out.logits[:, t + 1:] - base.logits[:, t + 1:]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("options", [{"moe_router": "expert_choice"}, {"granularity": "sequence"}])
+@pytest.mark.parametrize("options", [{"moe_router": "expert_choice"}, {"granularity": "sequence"},
+                                     {"top_k": 2, "eval_capacity_factor": 0.5}])
 @torch.no_grad()
 def test_noncausal_routing_leaks_the_future(options):
     """Control: the check above detects routing that depends on later tokens."""
@@ -881,7 +884,8 @@ def test_noncausal_routing_leaks_the_future(options):
 
 
 @pytest.mark.parametrize(("options", "what"), [({"moe_router": "expert_choice"}, "expert_choice"),
-                                               ({"granularity": "sequence"}, "sequence")])
+                                               ({"granularity": "sequence"}, "sequence"),
+                                               ({"eval_capacity_factor": 1.0}, "eval_capacity_factor")])
 def test_noncausal_routing_is_refused_in_a_decoder(options, what):
     msg = one_line_error(lambda: build_model(_cfg(options)))
     assert what in msg and "allow_noncausal" in msg
@@ -998,6 +1002,7 @@ def test_staged_mode_cached_decoding_matches_full_forward(moe_router, B):
     ({"moe_router": "hash", "aux_free_rate": 0.01}, "aux_free_rate"),
     ({"moe_router": "hash", "granularity": "sequence", "allow_noncausal": True}, "granularity"),
     ({"capacity_facter": 1.0}, "capacity_facter"),
+    ({"eval_capacity_factor": 2.0}, "eval_capacity_factor"),  # in a decoder: sees the future
 ])
 def test_bad_options_raise_one_line_config_error(options, name):
     msg = one_line_error(lambda: build_model(_cfg(options)))
@@ -1006,7 +1011,8 @@ def test_bad_options_raise_one_line_config_error(options, name):
 
 @pytest.mark.parametrize("options", [
     {}, {"moe_router": "switch", "top_k": 1}, {"moe_router": "hash", "top_k": 1},
-    {"experts": 2, "null_experts": 2, "top_k": 4}, {"capacity_factor": None}, {"eval_capacity_factor": 2},
+    {"experts": 2, "null_experts": 2, "top_k": 4}, {"capacity_factor": None},
+    {"eval_capacity_factor": 2, "allow_noncausal": True},
     {"moe_router": "noisy_topk", "load_coef": 0.1}, {"balance_coef": 0, "z_coef": 0}, {"experts": 1, "top_k": 1},
     {"aux_free_rate": 0.001, "moe_router": "noisy_topk"}, {"granularity": "sequence", "moe_router": "lsh",
                                                            "allow_noncausal": True},

@@ -14,9 +14,11 @@ p_max (2^(l/(L-1)) - 1), computing only the kept rows.
 
 **Depth.** Confidence exits (no extra module): a token exits at the first exit whose confidence (max
 probability, top-1 minus top-2 gap, or cosine of the states around the layer) exceeds that exit's
-threshold. Or a halting module trained against an oracle: ``sequence`` (one depth per sequence from its
-mean first-layer state), ``token`` (a depth per token from its first-layer state) or ``geometric`` (a
-halting probability chi_n at every exit, q(n) = chi_n prod_{n'<n}(1 - chi_n'); exit when chi_n > tau).
+threshold. Or a halting module trained against an oracle: ``sequence`` (DAT's sequence-specific depth from
+the mean first-layer state, pooled causally: token t's depth comes from the mean over positions 0..t, so a
+decoder's evaluation and generation never see later tokens; trained towards the whole sequence's oracle
+depth), ``token`` (a depth per token from its first-layer state) or ``geometric`` (a halting probability
+chi_n at every exit, q(n) = chi_n prod_{n'<n}(1 - chi_n'); exit when chi_n > tau).
 
 **The KV policy for exited tokens** is state propagation (DAT, CALM): a token that exits at layer n keeps
 its exit state h^n as its state in every higher layer, and those layers' keys and values for it are
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condformer.config import ExitConfig, ModelConfig
-from condformer.context import Context
+from condformer.context import Context, Tally
 from condformer.errors import CondformerError
 from condformer.layers.norms import make_norm
 
@@ -74,14 +76,31 @@ def target_log_likelihood(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) ->
 
 
 def rbf_smooth(x_BTE: torch.Tensor, valid_BT: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Average of x over neighbouring valid positions with kernel exp(-(t - t')^2 / sigma) (DAT's smoothing)."""
+    """x convolved over the valid positions with the RBF kernel exp(-(t - t')^2 / sigma) (DAT's smoothing).
+
+    A convolution, as in the paper, not a kernel-weighted average: the smoothed score of a token in the
+    middle of a confident stretch grows with the stretch, which is what lets it outweigh the depth penalty.
+    (The two pick different exits once the penalty is > 0.)
+    """
     T = x_BTE.shape[1]
     t = torch.arange(T, device=x_BTE.device, dtype=x_BTE.dtype)
     kernel_TT = torch.exp(-((t[:, None] - t[None, :]) ** 2) / sigma)
-    w_BT = valid_BT.to(x_BTE.dtype)
-    num = torch.einsum("ts,bse->bte", kernel_TT, x_BTE * w_BT[..., None])
-    den = torch.einsum("ts,bs->bt", kernel_TT, w_BT).clamp_min(1e-30)
-    return num / den[..., None]
+    return torch.einsum("ts,bse->bte", kernel_TT, x_BTE * valid_BT.to(x_BTE.dtype)[..., None])
+
+
+def prefix_mean(x_BTD: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
+    """The mean of x over each position's valid prefix 0..t (B, T, D): sequence pooling a decoder may use.
+
+    Accumulated in at least float32 (a bf16 running sum loses the late tokens); padding is left out, and a
+    position with no valid token before it gets 0.
+    """
+    x = _wide(x_BTD)
+    if valid_BT is not None:
+        x = x * valid_BT.to(x.dtype)[..., None]
+        count_BT = valid_BT.to(x.dtype).cumsum(dim=1)
+    else:
+        count_BT = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype).expand(x.shape[:2])
+    return x.cumsum(dim=1) / count_BT.clamp_min(1)[..., None]
 
 
 def oracle_exits(ll_BTE: torch.Tensor, correct_BTE: torch.Tensor, depths_E: torch.Tensor, valid_BT: torch.Tensor,
@@ -113,16 +132,16 @@ class Halting(nn.Module):
         self.bias = nn.Parameter(torch.zeros(rows))
 
     def log_q_first(self, h1_BTD: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
-        """``sequence``: log q(n | x) (B, E) from the mean first-layer state; ``token``: log q_t(n) (B, T, E)."""
-        w, b = self.weight.to(h1_BTD.dtype), self.bias.to(h1_BTD.dtype)
+        """log q_t(n) (B, T, E) from the first-layer states: ``token`` from h1_t, ``sequence`` from their mean
+        over the prefix 0..t (causal: a token's depth never depends on later tokens)."""
         if self.kind == "sequence":
-            if valid_BT is None:
-                pooled = h1_BTD.mean(dim=1)
-            else:
-                v = valid_BT.to(h1_BTD.dtype)[..., None]
-                pooled = (h1_BTD * v).sum(dim=1) / v.sum(dim=1).clamp_min(1)
-            return _wide(F.linear(pooled, w, b)).log_softmax(dim=-1)
-        return _wide(F.linear(h1_BTD, w, b)).log_softmax(dim=-1)
+            h1_BTD = prefix_mean(h1_BTD, valid_BT)
+        return self.log_q(h1_BTD)
+
+    def log_q(self, pooled_xD: torch.Tensor) -> torch.Tensor:
+        """log q(n) (..., E) of a (pooled) first-layer state (..., D)."""
+        return _wide(F.linear(pooled_xD, self.weight.to(pooled_xD.dtype), self.bias.to(pooled_xD.dtype))).log_softmax(
+            dim=-1)
 
     def halt_logit(self, k: int, h_BTD: torch.Tensor) -> torch.Tensor:
         """``geometric``: the logit of chi at exit k (B, T)."""
@@ -291,20 +310,24 @@ class EarlyExit(nn.Module):
             log_q = halting.log_q_geometric([detach(s) for s in states])
         else:
             log_q = halting.log_q_first(detach(h1_BTD), ctx.valid_BT)
-        nll = -log_q.gather(-1, target[..., None]).squeeze(-1)
-        if per_sequence:
-            loss = nll.mean()
+        if per_sequence:  # every prefix's pooled state learns the whole sequence's oracle depth
             depth = self.depths[target].float().mean()
-        else:
-            w = valid_BT.to(nll.dtype)
-            loss = (nll * w).sum() / w.sum().clamp_min(1)
+            target = target[:, None].expand(valid_BT.shape)
+        nll = -log_q.gather(-1, target[..., None]).squeeze(-1)
+        w = valid_BT.to(nll.dtype)
+        loss = (nll * w).sum() / w.sum().clamp_min(1)
+        if not per_sequence:
             depth = (self.depths[target].float() * w).sum() / w.sum().clamp_min(1)
         ctx.tally.loss("exit_halting", e.halting_alpha * loss)
         ctx.tally.stat(None, "exit_halting_loss", loss)
         ctx.tally.stat(None, "exit_oracle_depth", depth)
 
     def _mixed(self, model: nn.Module, h0_BTD: torch.Tensor, ctx: Context, targets_BT: torch.Tensor) -> ExitResult:
-        """DAT's mixed training: M sampled exit sequences, exited states copied upward, mean of the exits' CE."""
+        """DAT's mixed training: M sampled exit sequences, exited states copied upward, mean of the exits' CE.
+
+        ``loss`` is the last layer's, as for aligned training (what evaluation and the log compare across
+        runs); it costs one more forward pass, without gradients and with its statistics discarded.
+        """
         B, T, _ = h0_BTD.shape
         total, logits = None, None
         for _ in range(self.spec.mixed_samples):
@@ -312,8 +335,13 @@ class EarlyExit(nn.Module):
             result = self._given(model, h0_BTD, ctx, targets_BT, self.depths[k_BT], k_BT)
             total = result.loss if total is None else total + result.loss
             logits = result.logits
-        loss = total / self.spec.mixed_samples
-        return ExitResult(logits, loss, loss)
+        objective = total / self.spec.mixed_samples
+        with torch.no_grad():
+            quiet, h_BTD = dataclasses.replace(ctx, tally=Tally()), h0_BTD
+            for i in range(self.n_layers):
+                h_BTD = model.layers[i](h_BTD, quiet.for_layer(i))
+            last = _ce(self.exit_logits(self.n_exits - 1, h_BTD, model), targets_BT)
+        return ExitResult(logits, last, objective)
 
     def _given(self, model: nn.Module, h_BTD: torch.Tensor, ctx: Context, targets_BT: torch.Tensor | None,
                depth_BT: torch.Tensor, k_BT: torch.Tensor | None = None) -> ExitResult:
@@ -351,8 +379,6 @@ class EarlyExit(nn.Module):
             h_prev, h_BTD = h_BTD, torch.where(state.exited[..., None], h_BTD, out)
             if i == 0 and self.halting is not None and self.halting.kind != "geometric":
                 planned = self.halting.log_q_first(h_BTD, ctx.valid_BT).argmax(dim=-1)
-                if planned.dim() == 1:
-                    planned = planned[:, None].expand(B, T)
             self.check_exit(i, h_BTD, h_prev, planned, state, model)
             if bool(state.exited.all()):  # no token needs the layers above: nothing attends to them here
                 break
@@ -413,10 +439,8 @@ class EarlyExit(nn.Module):
         flops = 2 * seq_len * cfg.d_model * cfg.vocab_size * (n_exits - 1)
         if e.halting == "geometric":
             flops += 2 * seq_len * cfg.d_model * (n_exits - 1)
-        elif e.halting == "token":
+        elif e.halting in ("token", "sequence"):  # one projection per token (sequence: of its prefix's mean)
             flops += 2 * seq_len * cfg.d_model * n_exits
-        elif e.halting == "sequence":  # one projection of the pooled state per sequence
-            flops += 2 * cfg.d_model * n_exits
         return flops
 
 
@@ -485,7 +509,9 @@ class ExitDecoder:
                 raise CondformerError(f"layer {i}'s router ({type(layer).__name__}) cannot compute keys and values "
                                       f"for exited tokens; early-exit generation needs dense or MoD routers")
         self.pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in model.layers]
-        self.planned_B: torch.Tensor | None = None  # sequence halting: the prompt's exit
+        # sequence halting: the running sum and count of each row's first-layer states (its prefix's mean)
+        self.h1_sum_BD: torch.Tensor | None = None
+        self.h1_count_B: torch.Tensor | None = None
         self.stats = DecodeStats()
 
     def prefill(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor, valid_BT: torch.Tensor | None,
@@ -498,8 +524,27 @@ class ExitDecoder:
             h = layer(h, ctx.for_layer(i))
             halting = self.exits.halting
             if i == 0 and halting is not None and halting.kind == "sequence":
-                self.planned_B = halting.log_q_first(h, valid_BT).argmax(dim=-1)
+                wide = _wide(h)
+                if valid_BT is not None:
+                    wide = wide * valid_BT.to(wide.dtype)[..., None]
+                self.h1_sum_BD = wide.sum(dim=1)
+                self.h1_count_B = (torch.full(h.shape[:1], h.shape[1], device=h.device, dtype=wide.dtype)
+                                   if valid_BT is None else valid_BT.to(wide.dtype).sum(dim=1))
         return self.exits.exit_logits(self.exits.n_exits - 1, h[:, -1:], model)[:, 0]
+
+    def _planned(self, h_B1D: torch.Tensor) -> torch.Tensor | None:
+        """Halting's exit for the new tokens (B, 1), from their first-layer states; None without a plan.
+
+        ``sequence`` adds the token to its row's running mean first, as the full forward's prefix mean does.
+        """
+        halting = self.exits.halting
+        if halting is None or halting.kind == "geometric":
+            return None
+        if halting.kind == "token":
+            return halting.log_q_first(h_B1D, None).argmax(dim=-1)
+        self.h1_sum_BD = self.h1_sum_BD + _wide(h_B1D[:, 0])
+        self.h1_count_B = self.h1_count_B + 1
+        return halting.log_q(self.h1_sum_BD / self.h1_count_B.clamp_min(1)[:, None]).argmax(dim=-1)[:, None]
 
     def step(self, tok_B: torch.Tensor, pos_B1: torch.Tensor, cache) -> torch.Tensor:  # noqa: ANN001
         """Logits (B, V) of one new token per row, each from the exit where its row stopped."""
@@ -511,7 +556,7 @@ class ExitDecoder:
         ctx = model._context(tokens, pos_B1, None, cache)
         h = model.embed(tokens)
         state = _Exiting(B, 1, exits.n_layers, h.device)
-        planned = None if self.planned_B is None else self.planned_B[:, None]
+        planned = None
         for i, layer in enumerate(model.layers):
             if i > 0 and bool(state.exited.all()):
                 for j in range(i, exits.n_layers):  # their keys and values wait for a deeper token
@@ -521,8 +566,8 @@ class ExitDecoder:
             self._flush(i, lctx)
             out = layer(h, lctx)
             h_prev, h = h, torch.where(state.exited[..., None], h, out)
-            if i == 0 and exits.halting is not None and exits.halting.kind == "token":
-                planned = exits.halting.log_q_first(h, None).argmax(dim=-1)
+            if i == 0:
+                planned = self._planned(h)
             exits.check_exit(i, h, h_prev, planned, state, model)
         logits = state.logits(lambda: exits.exit_logits(exits.n_exits - 1, h, model))
         self.stats.depths.extend(state.depth[:, 0].tolist())
@@ -538,15 +583,15 @@ class ExitDecoder:
         tokens = tok_B[:, None]
         ctx = model._context(tokens, pos_B1, None, cache)
         h = model.embed(tokens)
-        planned = None if self.planned_B is None else int(self.planned_B[0])
-        token_halting = exits.halting is not None and exits.halting.kind == "token"
+        planned = None
         last = exits.n_exits - 1
         for i, layer in enumerate(model.layers):
             lctx = ctx.for_layer(i)
             self._flush(i, lctx)
             h_prev, h = h, layer(h, lctx)
-            if i == 0 and token_halting:
-                planned = int(exits.halting.log_q_first(h, None).argmax(dim=-1))
+            if i == 0:
+                plan = self._planned(h)
+                planned = None if plan is None else int(plan)
             k = exits.exit_of_layer.get(i)
             if k is None or k == last or not exits.checks(k):
                 continue

@@ -131,9 +131,11 @@ class MoEFFN(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        if (self.kind == "expert_choice" or self.granularity == "sequence") and ctx.kv is not None:
+        if ctx.kv is not None and (self.kind == "expert_choice" or self.granularity == "sequence"
+                                   or (ctx.causal and self.eval_capacity_factor is not None)):
             raise ConfigError(f"MoE layer {self.layer_index}: {self._noncausal_what()} is not causal and cannot "
-                              f"decode with a KV cache; use a token-choice router (topk, switch, hash, ...)")
+                              f"decode with a KV cache; use a token-choice router (topk, switch, hash, ...) "
+                              f"with dropless evaluation (eval_capacity_factor null)")
         if self.kind == "expert_choice":
             y = self._expert_choice(x_BTD, ctx)
         elif self.kind == "soft":
@@ -147,7 +149,9 @@ class MoEFFN(nn.Module):
         return y
 
     def _noncausal_what(self) -> str:
-        return "expert_choice routing" if self.kind == "expert_choice" else "per-sequence routing"
+        if self.kind == "expert_choice":
+            return "expert_choice routing"
+        return "per-sequence routing" if self.granularity == "sequence" else "evaluation capacity"
 
     def _route(self, x_ND: torch.Tensor, tokens_N: torch.Tensor | None) -> Routing:
         if self.kind == "hash":
@@ -181,8 +185,8 @@ class MoEFFN(nn.Module):
             expert_NK = torch.where(valid_N[:, None], expert_NK, self.n_total)
         if self.training:
             self._add_losses(r, loss_rows, ctx)
-            if self.aux_free_rate > 0:
-                self._accumulate_load(expert_NK)
+            if self.aux_free_rate > 0 and torch.is_grad_enabled():  # the load of passes that train, not of
+                self._accumulate_load(expert_NK)                      # a no-grad side pass (mixed exits' loss)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         kept_NK = None
         how = self.dispatch
@@ -364,6 +368,13 @@ class MoEFFN(nn.Module):
             raise ConfigError(f"{where}: {what} is not causal (a token's experts depend on later tokens), so it "
                               f"leaks the future in a decoder; use it in an encoder, or set allow_noncausal: true "
                               f"(no KV-cached generation)")
+        if cfg.causal and _opt(spec, "eval_capacity_factor") is not None and not _opt(spec, "allow_noncausal"):
+            # capacity is shared by the whole batch and filled choice-major: a later token's first choice can
+            # take the slot of an earlier token's second, so evaluation would see the future
+            raise ConfigError(f"{where}: eval_capacity_factor drops tokens by a priority over the whole batch, "
+                              f"so in a decoder a token's output depends on later tokens; leave it null "
+                              f"(dropless evaluation, the default), or set allow_noncausal: true (no KV-cached "
+                              f"generation)")
 
     @staticmethod
     def eval_spec(spec: LayerSpec) -> LayerSpec:

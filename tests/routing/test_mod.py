@@ -205,6 +205,34 @@ def test_topk_never_routes_padding(tiny_cfg, mode):
     assert not routed[~valid].any()
 
 
+@pytest.mark.parametrize("mode", ["train", "eval_topk"])
+@torch.no_grad()
+def test_rows_shorter_than_k_route_no_padding_and_count_none(tiny_cfg, mode):
+    """k = 8 slots, rows of 16, 3 and 1 real tokens: the short rows' spare slots hold padding, which gets no
+    update (its state passes unchanged), is not traced as routed, and counts in no statistic."""
+    layer, _ = _mod_layer(tiny_cfg, capacity=0.5, eval_routing="topk")
+    layer.train(mode == "train")
+    layer.router.weight.normal_(std=1.0)
+    B, T = 3, 16
+    valid = torch.stack([torch.arange(T) >= T - n for n in (16, 3, 1)])
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    ctx = Context(positions_BT=(valid.cumsum(1) - 1).clamp(min=0), causal=True, valid_BT=valid,
+                  tally=Tally(tracing=True), contiguous=False, layer=1)
+    y = layer(x, ctx)
+    routed = ctx.tally.traces["layer1/mod_routed"]
+    assert not routed[~valid].any()
+    assert routed.sum(dim=1).tolist() == [8, 3, 1]  # every real token of a short row is routed
+    assert torch.equal(y[~valid], x[~valid])
+    assert (y[valid] - x[valid]).abs().amax(dim=-1).gt(1e-6).sum() == 12  # the routed real tokens did change
+    assert float(ctx.tally.stats["layer1/mod_routed_frac"]) == pytest.approx(12 / 20)
+    if mode == "train":  # the causal decision's statistics are over the 20 real tokens
+        pred = (layer.causal_logits(x, layer.router_logits(x)) > 0) & valid
+        assert float(ctx.tally.stats["layer1/mod_causal_frac"]) == pytest.approx(int(pred.sum()) / 20)
+        acc = int(((pred == routed) & valid).sum()) / 20
+        assert float(ctx.tally.stats["layer1/mod_causal_acc"]) == pytest.approx(acc)
+        assert float(ctx.tally.stats["layer1/mod_causal_recall"]) == pytest.approx(int((pred & routed).sum()) / 12)
+
+
 # -- 2. capacity 1.0 is the dense block with a gated update -----------------------------------
 @pytest.mark.parametrize("weighting", ["sigmoid", "raw"])
 @pytest.mark.parametrize("mode", ["train", "eval_topk"])

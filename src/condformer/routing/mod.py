@@ -145,12 +145,19 @@ class MoDRouter(nn.Module):
         k = capacity_tokens(self.capacity, T)
         score_BT = r_BT if ctx.valid_BT is None else r_BT.masked_fill(~ctx.valid_BT, float("-inf"))
         idx_BK = score_BT.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        # a row with fewer real tokens than k fills its slots with padding: those are never routed (weight 0,
+        # invalid in the block's context) and never counted
+        keep_BK = None if ctx.valid_BT is None else ctx.valid_BT.gather(1, idx_BK)
+        routed_BT = torch.zeros_like(r_BT, dtype=torch.bool).scatter(1, idx_BK, True if keep_BK is None else keep_BK)
         if self.training:
-            self._learn_causal_decision(x_BTD, r_BT, idx_BK, ctx)
-        if ctx.tally.tracing:
-            ctx.tally.trace(ctx.layer, "mod_routed", torch.zeros_like(r_BT, dtype=torch.bool).scatter(1, idx_BK, True))
-        ctx.tally.stat(ctx.layer, "mod_routed_frac", k / T)
-        return self._update_chosen(x_BTD, r_BT, idx_BK, ctx.subset(idx_BK, ascending=True))
+            self._learn_causal_decision(x_BTD, r_BT, routed_BT, ctx)
+        ctx.tally.trace(ctx.layer, "mod_routed", routed_BT)
+        if keep_BK is None:
+            ctx.tally.stat(ctx.layer, "mod_routed_frac", k / T)
+        else:
+            ctx.tally.stat(ctx.layer, "mod_routed_frac", keep_BK.sum() / ctx.valid_BT.sum().clamp(min=1))
+        sub = ctx.subset(idx_BK, keep_BK=keep_BK, ascending=True)
+        return self._update_chosen(x_BTD, r_BT, idx_BK, sub, keep_BK)
 
     def _causal_selection(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context,
                           record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, Context] | None:
@@ -191,29 +198,35 @@ class MoDRouter(nn.Module):
             self.block.append_kv(x_BTD.gather(1, idx_BK[..., None].expand(-1, -1, x_BTD.shape[-1])), sub)
 
     # -- causal routing for sampling ---------------------------------------------------------
-    def _learn_causal_decision(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, idx_BK: torch.Tensor,
+    def _learn_causal_decision(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, routed_BT: torch.Tensor,
                                ctx: Context) -> None:
-        """BCE of the causal logit against top-k membership (built per row), plus its accuracy stats."""
+        """BCE of the causal logit against top-k membership (built per row), plus its accuracy stats.
+
+        Padding has no membership to learn: the loss and every statistic are over real tokens only.
+        """
         if self.causal_router == "none":
             return
-        target_BT = torch.zeros_like(r_BT).scatter(1, idx_BK, 1.0)
+        target_BT = routed_BT.to(r_BT.dtype)
         logit_BT = self.causal_logits(x_BTD, r_BT)
         if ctx.valid_BT is None:
             bce = F.binary_cross_entropy_with_logits(logit_BT, target_BT)
-        else:  # mean over real tokens only: padding has no top-k membership to learn
+        else:
             valid_BT = ctx.valid_BT.float()
             bce = (F.binary_cross_entropy_with_logits(logit_BT, target_BT, reduction="none") * valid_BT).sum() \
                 / valid_BT.sum().clamp(min=1)
         coef = self.aux_coef if self.causal_router == "aux" else self.predictor_coef
         ctx.tally.loss(f"mod_{self.causal_router}_bce", coef * bce)
         with torch.no_grad():
-            pred_BT, true_BT = logit_BT > 0, target_BT > 0.5
+            pred_BT, true_BT = logit_BT > 0, routed_BT
+            real_BT = torch.ones_like(routed_BT) if ctx.valid_BT is None else ctx.valid_BT
+            pred_BT = pred_BT & real_BT
+            n_real = real_BT.sum().clamp(min=1)
             tp = (pred_BT & true_BT).sum().float()
             ctx.tally.stat(ctx.layer, "mod_bce", bce)
-            ctx.tally.stat(ctx.layer, "mod_causal_acc", (pred_BT == true_BT).float().mean())
+            ctx.tally.stat(ctx.layer, "mod_causal_acc", ((pred_BT == true_BT) & real_BT).sum() / n_real)
             ctx.tally.stat(ctx.layer, "mod_causal_precision", tp / pred_BT.sum().clamp(min=1))
             ctx.tally.stat(ctx.layer, "mod_causal_recall", tp / true_BT.sum().clamp(min=1))
-            ctx.tally.stat(ctx.layer, "mod_causal_frac", pred_BT.float().mean())
+            ctx.tally.stat(ctx.layer, "mod_causal_frac", pred_BT.sum() / n_real)
 
     # -- config and cost ---------------------------------------------------------------------
     @staticmethod

@@ -398,8 +398,8 @@ class MoEFFN(nn.Module):
         n_routed = 1 if _opt(spec, "granularity") == "sequence" else n_tokens
         router = {"hash": 0, "lsh": 2 * n_routed * d * LSHRouter.n_bits(E),
                   "noisy_topk": 2 * 2 * n_routed * d * n_total}.get(kind, 2 * n_routed * d * n_total)
-        if kind == "soft":
-            experts = n_tokens * E * per_token
+        if kind == "soft":  # every expert on every token, then the probability-weighted sum (a matmul too)
+            experts = n_tokens * E * per_token + 2 * n_tokens * E * d
         elif kind == "expert_choice":
             experts = E * max(1, min(n_tokens, math.ceil(k * n_tokens / E - 1e-9))) * per_token
         elif _opt(spec, "capacity_factor") is None:

@@ -325,3 +325,190 @@ def test_validation_batches_do_not_depend_on_the_training_seed(corpus: Path) -> 
     evaluate(model, data, mc, train_cfg(corpus, seed=3), "cpu")
     x0, _ = data.get_batch("val", 0, 4, 32, seed=0)
     assert torch.equal(seen[0], x0)  # EVAL_SEED = 0: seed-0 runs keep their earlier validation numbers
+
+
+# -- run directories: lock, interrupts, resume ---------------------------------------------------
+def test_a_second_trainer_on_a_run_directory_is_refused(corpus: Path, tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # as the other trainer wrote it
+    holder = subprocess.Popen(  # another process, training there: it holds the run's lock
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", str(run / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for resume in (False, True):
+            with pytest.raises(TrainingError, match="another process is training in") as e:
+                train(model_cfg(), train_cfg(corpus, max_steps=2), run, progress=False, resume=resume)
+            assert str(run) in str(e.value) and "\n" not in str(e.value)
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json"]  # nothing written
+        assert (run / "config.json").read_text() == "{}"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+    probes = []
+
+    def probe() -> None:  # during the run, the lock is held against any other open of the file
+        fd = os.open(run / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            probes.append("free")
+        except BlockingIOError:
+            probes.append("held")
+        finally:
+            os.close(fd)
+
+    train(model_cfg(), train_cfg(corpus, max_steps=2), run, progress=False, on_step=probe, resume=True)
+    assert probes == ["held", "held"]
+    probe()
+    assert probes[-1] == "free"  # released when the run ends
+
+
+def _rows(run: Path) -> list[dict]:
+    """The log's deterministic fields, row for row (throughput is timing)."""
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def _interrupt_cfg(corpus: Path) -> TrainConfig:
+    return train_cfg(corpus, max_steps=8, eval_every=3, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(code_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CONDFORMER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        run = tmp_path_factory.mktemp("uninterrupted") / "run"
+        train(model_cfg(), _interrupt_cfg(code_corpus), run, progress=False)
+    return _rows(run)
+
+
+INTERRUPTS = [  # (where, at the n-th call, how): "raise" raises KeyboardInterrupt there, "signal" sends SIGINT
+    ("on_step", 4, "raise"), ("on_step", 5, "raise"), ("train_row", 5, "raise"), ("train_row", 5, "signal"),
+    ("optimizer_step", 5, "signal"), ("evaluate", 2, "raise"), ("evaluate", 2, "signal"),
+    ("save_checkpoint", 1, "raise"),
+]
+
+
+@pytest.mark.parametrize("where, n, how", INTERRUPTS)
+def test_ctrl_c_anywhere_in_a_step_resumes_to_the_uninterrupted_log(
+        where: str, n: int, how: str, corpus: Path, tmp_path: Path, monkeypatch, uninterrupted: list[dict]) -> None:
+    import os
+    import signal
+
+    import condformer.train as train_mod
+
+    calls = [0]
+
+    def fire() -> None:
+        calls[0] += 1
+        if calls[0] == n:
+            if how == "raise":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def after(fn):  # the interrupt lands just after fn has done its work (an update applied, a row built)
+        return lambda *a, **k: (fn(*a, **k), fire())[0]
+
+    def before(fn):
+        return lambda *a, **k: (fire(), fn(*a, **k))[1]
+
+    if where == "train_row":
+        real_log = train_mod._Logger.log
+        monkeypatch.setattr(train_mod._Logger, "log",
+                            lambda self, rec: (fire() if "loss" in rec else None, real_log(self, rec))[1])
+    elif where == "optimizer_step":
+        real_make = train_mod.make_optimizer
+
+        def make(*a, **k):
+            opt = real_make(*a, **k)
+            opt.step = after(opt.step)
+            return opt
+
+        monkeypatch.setattr(train_mod, "make_optimizer", make)
+    elif where in ("evaluate", "save_checkpoint"):
+        monkeypatch.setattr(train_mod, where, before(getattr(train_mod, where)))
+    run = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(model_cfg(), _interrupt_cfg(corpus), run, progress=False, on_step=fire if where == "on_step" else None)
+    assert calls[0] >= n
+    monkeypatch.undo()
+    train(model_cfg(), _interrupt_cfg(corpus), run, progress=False, resume=True)
+    assert _rows(run) == uninterrupted
+
+
+def test_resume_of_nothing_is_an_error(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(model_cfg(), train_cfg(corpus, max_steps=2), tmp_path / "missing", progress=False, resume=True)
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint") as e:
+        train(model_cfg(), train_cfg(corpus, max_steps=2), tmp_path / "empty", progress=False, resume=True)
+    assert "\n" not in str(e.value) and not list((tmp_path / "empty").iterdir())
+    # a run killed before its first checkpoint left its config: resuming it starts it over
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.json").write_text("{}")
+    r = train(model_cfg(), train_cfg(corpus, max_steps=2), tmp_path / "started", progress=False, resume=True)
+    assert r.steps == 2
+
+
+def test_resume_names_the_settings_it_ignores(corpus: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    train(model_cfg(), train_cfg(corpus, max_steps=6), run, progress=False, stop_after=2)
+    capsys.readouterr()
+    r = train(model_cfg(), train_cfg(corpus, max_steps=6), run, progress=False, resume=True, stop_after=4)
+    assert "ignored" not in capsys.readouterr().err and r.steps == 4  # the same settings: nothing to say
+    r = train(model_cfg(d_model=64), train_cfg(corpus, max_steps=9, lr=0.01), run, progress=False, resume=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ignored" in err[0] and str(run) in err[0]
+    assert "model.d_model" in err[0] and "max_steps=9 (the run's: 6)" in err[0] and "lr=0.01" in err[0]
+    assert r.steps == 6  # continued with the saved settings
+    assert read_checkpoint(run).model_cfg.d_model == 32
+
+
+def test_a_finished_run_resumed_reports_no_bogus_throughput(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = train(model_cfg(), train_cfg(corpus, max_steps=3), run, progress=False)
+    assert first.tokens_per_s is not None and first.tokens_per_s > 0
+    ck = resolve_checkpoint(run)
+    stamps = {p.name: p.stat().st_mtime_ns for p in ck.iterdir()}
+    again = train(model_cfg(), train_cfg(corpus, max_steps=3), run, progress=False, resume=True)
+    assert again.tokens_per_s is None and again.elapsed_s == 0.0  # no step ran
+    assert (again.steps, again.train_loss, again.val_loss) == (first.steps, first.train_loss, first.val_loss)
+    assert json.loads(json.dumps(again.to_dict())) == again.to_dict()  # valid JSON: no NaN
+    assert {p.name: p.stat().st_mtime_ns for p in ck.iterdir()} == stamps  # nothing re-saved
+
+
+def test_skipped_steps_are_reported(corpus: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from condformer.config import LayerSpec
+
+    monkeypatch.setitem(_POISON, "on", True)
+    mc = model_cfg(layers=[LayerSpec(router="test_poison")])
+    tc = train_cfg(corpus, max_steps=3, on_nonfinite="skip")
+    part = train(mc, tc, tmp_path / "skip", progress=False, stop_after=2)
+    err = capsys.readouterr().err
+    assert "step 0: non-finite" in err and "step 1: non-finite" in err and "skipped" in err
+    assert part.skipped_steps == 2 and part.tokens_per_s is None  # no update ran
+    r = train(mc, tc, tmp_path / "skip", progress=False, resume=True)
+    err = capsys.readouterr().err
+    assert r.skipped_steps == 3 and r.to_dict()["skipped_steps"] == 3  # over the whole run
+    assert "step 2: non-finite" in err and "3 of 3 steps were skipped" in err
+
+
+def test_resume_refuses_a_config_that_does_not_fit_its_weights(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(model_cfg(), train_cfg(corpus, max_steps=2), run, progress=False, stop_after=1)
+    state_file = resolve_checkpoint(run) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["model"]["d_model"] = 10**6  # allocating this model would die out of memory
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="shape") as e:
+        train(model_cfg(), train_cfg(corpus, max_steps=2), run, progress=False, resume=True)
+    assert "model.safetensors" in str(e.value) and "\n" not in str(e.value)

@@ -6,28 +6,35 @@ Layout of a run directory::
     RUN/log.jsonl                         one JSON object per logged step / evaluation
     RUN/checkpoints/step-00000500/        model.safetensors, optimizer.safetensors, state.json
     RUN/checkpoints/latest                name of the newest complete checkpoint
+    RUN/.lock                             flock'ed by the one process training there
 
-A checkpoint directory is written under a temporary name and renamed into place only when every file
-is complete, and ``latest`` is replaced atomically after that, so a crash never leaves a half-written
-checkpoint that a resume would load. Nothing is ever unpickled: tensors come from safetensors, the rest
-from JSON, so loading an untrusted checkpoint cannot run code.
+Every file-system step of a save is crash-safe (tested by failing each one in turn): a checkpoint is
+written under ``.tmp-step-N`` (its ``state.json`` last, so that file marks it complete) and renamed into
+place; an existing ``step-N`` is first renamed aside to ``.old-step-N``, never deleted before its
+replacement is in place; ``latest`` is replaced atomically; old checkpoints are renamed to ``.del-*``
+before they are deleted, so a half-deleted one never looks like a checkpoint. The next save tidies what
+a killed one left, and loading falls back to the newest complete checkpoint when ``latest`` is missing or
+names nothing complete. Nothing is ever unpickled: tensors come from safetensors, the rest from JSON, so
+loading an untrusted checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from condformer.config import ModelConfig, TrainConfig
-from condformer.errors import CheckpointError, ConfigError
+from condformer.errors import CheckpointError, ConfigError, TrainingError
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 RNG_FILE = "rng.safetensors"  # torch's generator states: random training draws continue exactly on resume
@@ -41,10 +48,15 @@ class Checkpoint:
     state: dict[str, Any]  # step, tokenizer, data fingerprint, ...
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` so that a reader (or a kill) sees the old content or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -68,15 +80,54 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _complete(d: Path) -> bool:
+    """Whether ``d`` is a whole checkpoint: ``state.json`` is written last (atomically), after the weights."""
+    return (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file()
+
+
+def _step_of(d: Path) -> int | None:
+    digits = d.name.rsplit("-", 1)[-1]
+    return int(digits) if d.name.rsplit("-", 1)[0] in ("step", ".old-step") and digits.isdigit() else None
+
+
+def _discard(d: Path) -> None:
+    """Delete a directory via a hidden name: a kill halfway through never leaves a partial ``step-*``."""
+    if not d.name.startswith("."):
+        hidden = d.with_name(f".del-{d.name}")
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.rename(d, hidden)
+        d = hidden
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _tidy(root: Path) -> None:
+    """Finish what a killed save left: put an aside copy back if it is the only whole one, drop the rest."""
+    for aside in sorted(root.glob(".old-step-*")):
+        final = root / aside.name.removeprefix(".old-")
+        if _complete(aside) and not _complete(final):
+            if final.exists():
+                _discard(final)
+            os.rename(aside, final)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    for junk in [*root.glob(".tmp-step-*"), *root.glob(".del-*")]:
+        shutil.rmtree(junk, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig | None,
                     keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step-XXXXXXXX`` atomically, point ``latest`` at it, prune old ones."""
+    """Write ``run_dir/checkpoints/step-XXXXXXXX`` crash-safely, point ``latest`` at it, prune old ones.
+
+    Re-saving an existing step (a resume of a finished run, a Ctrl-C right after a periodic checkpoint)
+    renames the old copy aside and deletes it only after ``latest`` names the new one, so a kill at any
+    point leaves the old or the new checkpoint whole.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    _tidy(root)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, aside = root / f".tmp-{final.name}", root / f".old-{final.name}"
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     meta: dict[str, Any] = {}
@@ -89,30 +140,38 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         save_file(rng, str(tmp / RNG_FILE))
     payload = {"step": step, "model": model_cfg.to_dict(),
                "train": None if train_cfg is None else train_cfg.to_dict(), "optimizer": meta, **state}
-    (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    if final.exists():  # re-saving the same step (e.g. after an interrupt): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    (root / "latest").parent.mkdir(exist_ok=True)
-    tmp_latest = root / ".latest.tmp"
-    tmp_latest.write_text(final.name + "\n", encoding="utf-8")
-    os.replace(tmp_latest, root / "latest")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    write_json_atomic(tmp / STATE_FILE, payload)  # last: its presence marks the directory complete
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    write_text_atomic(root / "latest", final.name + "\n")
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    steps = sorted(p for p in root.glob("step-*") if _complete(p))  # an incomplete one never displaces a whole one
+    for old in steps[:-keep]:
+        if old != final:
+            _discard(old)
     return final
 
 
 def resolve_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint directory from a run directory (its latest) or a checkpoint directory itself."""
+    """A checkpoint directory from a run directory or a checkpoint directory itself.
+
+    A run's ``latest`` when it names a complete checkpoint; otherwise (a save killed midway) the newest
+    complete ``step-*``, or the aside copy ``.old-step-*`` of a re-save when it is the only whole one.
+    """
     p = Path(path)
     if (p / STATE_FILE).is_file():
         return p
-    latest = p / "checkpoints" / "latest"
+    root = p / "checkpoints"
+    latest = root / "latest"
     if latest.is_file():
-        cand = p / "checkpoints" / latest.read_text(encoding="utf-8").strip()
-        if (cand / STATE_FILE).is_file():
-            return cand
-    return None
+        name = latest.read_text(encoding="utf-8").strip()
+        if name.startswith("step-") and _complete(root / name):
+            return root / name
+    found = [(step, d.name.startswith("step-"), d) for d in (root.glob("*step-*") if root.is_dir() else [])
+             if (step := _step_of(d)) is not None and _complete(d)]
+    return max(found)[2] if found else None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -123,13 +182,20 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     ck = resolve_checkpoint(p)
     if ck is None:
         raise CheckpointError(f"no checkpoint found in '{p}'; expected {STATE_FILE} or checkpoints/latest inside it")
+    file = ck / STATE_FILE
     try:
-        state = json.loads((ck / STATE_FILE).read_text(encoding="utf-8"))
+        state = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise TypeError("not a JSON object")
+        step = state.get("step")
+        if type(step) is not int or step < 0:
+            raise CheckpointError(f"'{file}' has no valid step (got {step!r}, expected an integer >= 0); "
+                                  f"the checkpoint may be corrupt")
         model_cfg = ModelConfig.from_dict(state.pop("model")).validate()
         train_raw = state.pop("train")
         train_cfg = None if train_raw is None else TrainConfig.from_dict(train_raw)
-    except (json.JSONDecodeError, KeyError, ConfigError, TypeError) as e:
-        raise CheckpointError(f"checkpoint '{ck}' has an unreadable {STATE_FILE} ({e}); it may be corrupt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, ConfigError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"'{file}' is unreadable ({e}); the checkpoint may be corrupt") from None
     return Checkpoint(ck, model_cfg, train_cfg, state)
 
 
@@ -149,6 +215,77 @@ def update_model_config(ck: Checkpoint, model_cfg: ModelConfig) -> None:
         run["model"] = model_cfg.to_dict()
         write_json_atomic(run_config, run)
     ck.model_cfg = model_cfg
+
+
+def check_weights_fit(ck: Checkpoint, model_cfg: ModelConfig | None = None) -> None:
+    """Refuse weights whose names or shapes differ from the config's model, before that model is allocated.
+
+    A config asking for a huge model (a corrupt or hand-edited ``d_model: 1000000``) would otherwise be
+    allocated, and die out of memory, before the weights are read. The safetensors header (names and
+    shapes, no data) and a model built on the meta device cost next to nothing.
+    """
+    from condformer.model import build_model
+
+    path = ck.path / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read weights from '{path}': {e}") from None
+    with torch.device("meta"):
+        expected = build_model(model_cfg or ck.model_cfg).state_dict(keep_vars=True)
+    for name, shape in saved.items():
+        if name not in expected:
+            raise CheckpointError(f"'{path}' holds '{name}', which the config's model has not; "
+                                  f"the config does not match the weights")
+        if tuple(expected[name].shape) != shape:
+            raise CheckpointError(f"'{path}' holds '{name}' of shape {list(shape)}, the config implies "
+                                  f"{list(expected[name].shape)}; the config does not match the weights")
+    stored = {id(expected[name]) for name in saved}  # tied tensors are stored once, under one of their names
+    missing = [name for name, t in expected.items() if id(t) not in stored]
+    if missing:
+        raise CheckpointError(f"'{path}' lacks '{missing[0]}', which the config's model needs; "
+                              f"the config does not match the weights")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out/.lock`` for the whole run (rank 0: the only rank that writes).
+
+    Two trainers on one directory would mix their logs and replace each other's checkpoints and
+    config.json. The kernel drops the lock when the process dies, so a killed run leaves no stale lock.
+    """
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TrainingError(f"cannot use '{out}' as a run directory: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(f"another process is training in '{out}'; wait for it to finish or choose "
+                                f"another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """One-line errors for a run directory that cannot be used as asked, raised before anything is written."""
+    has_checkpoint = resolve_checkpoint(out) is not None
+    if resume and not has_checkpoint and not (out / "config.json").is_file():
+        what = "does not exist" if not out.exists() else "holds no checkpoint"
+        raise CheckpointError(f"cannot resume '{out}': it {what}; start a new run there without --resume")
+    if not resume and has_checkpoint:
+        raise CheckpointError(
+            f"'{out}' already holds checkpoints; pass --resume to continue it or choose another --out"
+        )
 
 
 def load_weights(ck: Checkpoint, model: torch.nn.Module) -> None:
@@ -201,6 +338,7 @@ def load_for_inference(path: str | Path) -> tuple[Checkpoint, torch.nn.Module, A
     from condformer.model import build_model
 
     ck = read_checkpoint(path)
+    check_weights_fit(ck)
     model = build_model(ck.model_cfg)
     load_weights(ck, model)
     if torch.cuda.is_available():

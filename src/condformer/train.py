@@ -2,8 +2,16 @@
 
 Resuming continues *exactly*: batches are a pure function of (seed, step, rank) (see
 ``TokenData.get_batch``) and MLM masks of (seed, step), so the only state is the weights, the optimizer
-and the step, all in the checkpoint. A stopped-and-resumed run logs the same losses as an uninterrupted
-one (tested).
+and the step, all in the checkpoint. A stopped-and-resumed run logs the same rows as an uninterrupted
+one (tested): a Ctrl-C is held until the step under way is applied and logged, and a resume drops the
+rows logged after its checkpoint and first runs an evaluation that the interruption cut short.
+
+A resume continues with the run's *saved* configs (its schedule, data and model cannot change midway
+and still continue exactly); settings given that differ from them are named on stderr as ignored. A
+finished run resumed trains no steps: to train longer, start a new run with the larger budget.
+
+A run directory is locked (``RUN/.lock``, ``flock``) for the whole run: a second trainer on it gets a
+one-line error instead of interleaving its log and checkpoints with the first one's.
 
 Multi-process: launch with ``torchrun --nproc_per_node=N -m condformer.cli train ...``; each rank takes
 its slice of the global batch, DDP averages gradients (gloo on CPU, NCCL on GPU), rank 0 writes logs and
@@ -18,9 +26,11 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,17 +39,22 @@ import torch
 import torch.distributed as dist
 
 from condformer.checkpoint import (
+    Checkpoint,
+    check_run_dir,
+    check_weights_fit,
     load_optimizer,
     load_rng_state,
     load_weights,
     read_checkpoint,
     resolve_checkpoint,
+    run_lock,
     save_checkpoint,
     write_json_atomic,
+    write_text_atomic,
 )
 from condformer.config import ModelConfig, TrainConfig
 from condformer.data import TokenData, prepare_data
-from condformer.errors import CheckpointError, ConfigError, TrainingError
+from condformer.errors import ConfigError, TrainingError
 from condformer.flops import count_flops
 from condformer.model import IGNORE_INDEX, Transformer, build_model
 from condformer.optim import before_optimizer_step, lr_at, make_optimizer
@@ -54,10 +69,10 @@ class TrainResult:
     val_loss: float
     val_bits_per_byte: float | None
     train_loss: float
-    tokens_per_s: float
+    tokens_per_s: float | None  # over the steps this call ran; None when it ran none (a finished run resumed)
     elapsed_s: float
     params: int
-    skipped_steps: int
+    skipped_steps: int  # updates dropped for a non-finite loss or gradient, over the whole run
     data: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -179,26 +194,47 @@ def plan_steps(model_cfg: ModelConfig, cfg: TrainConfig, world: int) -> tuple[in
     return steps, flops_per_step
 
 
+_ROW_KEYS = ("step", "loss", "lr", "grad_norm", "tokens", "train_flops", "tokens_per_s")
+
+
 class _Logger:
-    """JSONL (always) and TensorBoard (when installed and enabled) on rank 0."""
+    """JSONL (always) and TensorBoard (when installed and enabled) on rank 0.
+
+    On resume the log is cut back to the checkpoint's step (every rank reads it, so that they agree on
+    whether that step's evaluation is missing); ``last`` and ``last_train`` are its last row and last
+    training row.
+    """
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None) -> None:
         self.enabled, self.path, self.tb = enabled, out_dir / "log.jsonl", None
-        if not enabled:
-            return
+        self.last: dict[str, Any] | None = None
+        self.last_train: dict[str, Any] | None = None
         if resume_step is not None and self.path.exists():  # drop lines logged after the checkpoint
-            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        elif resume_step is None:
+            keep = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                    keep.append(line)
+                    self.last = row
+                    self.last_train = row if "loss" in row else self.last_train
+            if enabled:
+                write_text_atomic(self.path, "".join(k + "\n" for k in keep))
+        elif resume_step is None and enabled:
             self.path.write_text("", encoding="utf-8")
-        if tensorboard:
+        if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
                 self.tb = None
+
+    def evaluated(self, step: int) -> bool:
+        """Whether the log already holds the evaluation after ``step`` (it is the last row of a step)."""
+        return self.last is not None and self.last.get("step") == step and "val_loss" in self.last
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -215,6 +251,59 @@ class _Logger:
             self.tb.close()
 
 
+def _warn(message: str) -> None:
+    """One line on stderr that does not tear the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"condformer: warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt(announce: bool) -> Iterator[Callable[[], None]]:
+    """Hold a Ctrl-C until the next step boundary; yields the check to call there.
+
+    Python raises KeyboardInterrupt between any two bytecodes: inside ``optimizer.step()`` (some
+    parameters updated) or between an update and its log row, states a checkpoint cannot describe. A
+    second Ctrl-C interrupts at once. Only the main thread receives signals; elsewhere nothing is held.
+    """
+    pending: list[bool] = []
+
+    def check() -> None:
+        if pending:
+            raise KeyboardInterrupt
+
+    def hold(signum: int, frame: Any) -> None:
+        check()
+        pending.append(True)
+        if announce:  # os.write: print() may be mid-call in the interrupted frame
+            os.write(2, b"condformer: stopping after this step (Ctrl-C again to stop at once)\n")
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield check
+        return
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    check()  # a Ctrl-C during the final evaluation or checkpoint: the run is saved, now stop
+
+
+def _ignored_settings(model_cfg: ModelConfig, cfg: TrainConfig, ck: Checkpoint) -> list[str]:
+    """The given settings that a resume does not use because the run's saved ones differ.
+
+    The vocabulary is left out: the run's tokenizer decides it.
+    """
+    given = {f"model.{k}": v for k, v in model_cfg.to_dict().items() if k != "vocab_size"}
+    saved = {f"model.{k}": v for k, v in ck.model_cfg.to_dict().items() if k != "vocab_size"}
+    if ck.train_cfg is not None:
+        given.update(cfg.to_dict())
+        saved.update(ck.train_cfg.to_dict())
+    return [k if k.startswith("model.") else f"{k}={v!r} (the run's: {saved[k]!r})"
+            for k, v in given.items() if k in saved and v != saved[k]]
+
+
 def _stats_to_floats(acc: dict[str, torch.Tensor], n: int) -> dict[str, float]:
     return {k: float(v) / n for k, v in acc.items()}
 
@@ -225,8 +314,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resu
     """Train ``model_cfg`` under ``cfg`` into ``out_dir``; return the final metrics.
 
     ``stop_after`` ends the run (with a checkpoint) after that many steps in total, as an interruption
-    would; a later ``resume=True`` call continues it exactly. ``on_step`` is called after every optimizer
-    step (including steps completed before a resume, once each), e.g. to drive a caller's progress bar.
+    would; a later ``resume=True`` call continues it exactly (``resume=True`` on a directory with nothing to
+    resume is an error). ``on_step`` is called after every optimizer step, once its log row, evaluation and
+    checkpoint are written (including steps completed before a resume, once each), e.g. to drive a
+    caller's progress bar.
     """
     cfg.validate()
     out = Path(out_dir)
@@ -245,17 +336,26 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resu
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank: int, world: int, resume: bool,
            progress: bool, stop_after: int | None, data: TokenData | None,
            on_step: Callable[[], None] | None = None) -> TrainResult:
+    check_run_dir(out, resume)  # before the lock: a mistaken --resume creates nothing
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            stack.enter_context(run_lock(out))
+        check_run_dir(out, resume)  # again under the lock: another trainer may have finished meanwhile
+        return _run(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data, on_step)
+
+
+def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank: int, world: int, resume: bool,
+         progress: bool, stop_after: int | None, data: TokenData | None,
+         on_step: Callable[[], None] | None) -> TrainResult:
     is_main = rank == 0
 
     ck = None
-    if resume:
-        if resolve_checkpoint(out) is not None:
-            ck = read_checkpoint(out)
-            model_cfg, cfg = ck.model_cfg, ck.train_cfg or cfg
-    elif resolve_checkpoint(out) is not None:
-        raise CheckpointError(
-            f"'{out}' already holds checkpoints; pass --resume to continue it or choose another --out"
-        )
+    if resume and resolve_checkpoint(out) is not None:
+        ck = read_checkpoint(out)
+        ignored = _ignored_settings(model_cfg, cfg, ck)
+        if ignored and is_main:
+            _warn(f"--resume continues '{out}' with its saved settings; ignored: {', '.join(ignored)}")
+        model_cfg, cfg = ck.model_cfg, ck.train_cfg or cfg
 
     if data is None:
         # rank 0 tokenises (and trains a BPE) first; the others then load its cached files, so every
@@ -273,6 +373,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
                           f"lower --seq-len or raise max_seq_len in the config")
     model_cfg.validate()
     total_steps, flops_per_step = plan_steps(model_cfg, cfg, world)
+    if ck is not None:
+        check_weights_fit(ck, model_cfg)  # before allocating: a config asking for a huge model is refused
 
     torch.manual_seed(cfg.seed)
     raw_model: Transformer = build_model(model_cfg).to(device)
@@ -296,11 +398,19 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
     logger = _Logger(out, is_main, cfg.tensorboard, start_step if ck is not None else None)
-    state_extra = {"tokenizer": data.tokenizer.to_dict(), "data": data.fingerprint}
+    skipped_before = int(ck.state.get("skipped_steps", 0)) if ck is not None else 0
+    skipped, saved_step = 0, start_step if ck is not None else None
 
-    def checkpoint(step: int) -> None:
-        if is_main:
-            save_checkpoint(out, step, raw_model, optimizer, state_extra, model_cfg, cfg, cfg.keep_checkpoints)
+    def checkpoint(step: int) -> None:  # a step already saved is not saved again (a Ctrl-C right after one)
+        nonlocal saved_step
+        if is_main and step != saved_step:
+            extra = {"tokenizer": data.tokenizer.to_dict(), "data": data.fingerprint,
+                     "skipped_steps": skipped_before + skipped}
+            save_checkpoint(out, step, raw_model, optimizer, extra, model_cfg, cfg, cfg.keep_checkpoints)
+        saved_step = step
+
+    def eval_due(done: int) -> bool:
+        return done % cfg.eval_every == 0 or done == total_steps
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
@@ -308,85 +418,108 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, ran
     if on_step is not None:
         for _ in range(start_step):
             on_step()
-    skipped, last_loss, stat_acc, n_acc, last_stats = 0, float("nan"), {}, 0, {}
+    last_loss, stat_acc, n_acc, last_stats = float("nan"), {}, 0, {}
+    if logger.last_train is not None:  # a resume that runs no step still reports the run's last loss
+        last_loss = logger.last_train["loss"]
+        last_stats = {k: v for k, v in logger.last_train.items() if k not in _ROW_KEYS}
     train_time, logged_time, logged_step, metrics = 0.0, 0.0, start_step, {}
     completed = start_step  # steps whose update (or deliberate skip) is fully applied
+    row: dict[str, Any] | None = None  # the log row of the step under way, written once its update is applied
+
+    def write_row() -> None:
+        nonlocal row, logged_time, logged_step
+        done = row["step"]
+        throughput = tokens_per_step * (done - logged_step) / max(train_time - logged_time, 1e-9)
+        logger.log({**row, "tokens_per_s": throughput, **last_stats})
+        row, logged_time, logged_step = None, train_time, done
+
     model.train()
-    try:
-        for step in bar:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x, y = make_batch(data, model_cfg, cfg, "train", step * cfg.grad_accum + micro, rank, world)
-                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
-                with sync, _autocast(cfg, device):
-                    o = model(x.to(device), y.to(device))
-                    (o.train_loss / cfg.grad_accum).backward()
-                loss_sum += o.loss.detach().float() / cfg.grad_accum
-                for k, v in o.stats.items():
-                    stat_acc[k] = stat_acc.get(k, 0) + (v.float() if isinstance(v, torch.Tensor) else v)
-                n_acc += 1
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-            loss_avg = _all_mean(loss_sum, world)
-            if not bool(torch.isfinite(loss_avg) & torch.isfinite(grad_norm)):  # one host sync per step
-                if cfg.on_nonfinite == "stop":
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {step} (loss={float(loss_avg)}); lower --lr, "
-                        f"or set on_nonfinite='skip' to drop such steps"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                before_optimizer_step(raw_model, skip=True)
-                skipped += 1
-                completed = step + 1
+    with _deferred_interrupt(announce=is_main) as check_interrupt:
+        try:
+            if ck is not None and start_step > 0 and eval_due(start_step) and not logger.evaluated(start_step):
+                metrics = evaluate(model, data, model_cfg, cfg, device, rank, world)  # an interrupt cut it short
+                logger.log({"step": start_step, **metrics})
+            for step in bar:
+                check_interrupt()  # a Ctrl-C is taken here, where weights, step and log agree
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum):
+                    x, y = make_batch(data, model_cfg, cfg, "train", step * cfg.grad_accum + micro, rank, world)
+                    sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 \
+                        else model.no_sync()
+                    with sync, _autocast(cfg, device):
+                        o = model(x.to(device), y.to(device))
+                        (o.train_loss / cfg.grad_accum).backward()
+                    loss_sum += o.loss.detach().float() / cfg.grad_accum
+                    for k, v in o.stats.items():
+                        stat_acc[k] = stat_acc.get(k, 0) + (v.float() if isinstance(v, torch.Tensor) else v)
+                    n_acc += 1
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+                loss_avg = _all_mean(loss_sum, world)
+                done = step + 1
+                if not bool(torch.isfinite(loss_avg) & torch.isfinite(grad_norm)):  # one host sync per step
+                    if cfg.on_nonfinite == "stop":
+                        raise TrainingError(
+                            f"non-finite loss or gradient at step {step} (loss={float(loss_avg)}); lower --lr, "
+                            f"or set on_nonfinite='skip' to drop such steps"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    before_optimizer_step(raw_model, skip=True)
+                    skipped += 1
+                    completed = done
+                    if is_main:
+                        _warn(f"step {step}: non-finite loss or gradient (loss={float(loss_avg)}); its update "
+                              f"is skipped (on_nonfinite='skip')")
+                else:
+                    last_loss = float(loss_avg)
+                    if done % cfg.log_every == 0 or done == total_steps:  # the row is built before the update
+                        last_stats = _stats_to_floats(stat_acc, max(n_acc, 1))
+                        row = {"step": done, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                               "tokens": done * tokens_per_step, "train_flops": done * flops_per_step}
+                        stat_acc, n_acc = {}, 0
+                    before_optimizer_step(raw_model)
+                    optimizer.step()
+                    completed = done
+                    optimizer.zero_grad(set_to_none=True)
+                    train_time += time.perf_counter() - t0
+                    if is_main:
+                        bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+                    if row is not None:
+                        write_row()
+                if eval_due(done):
+                    metrics = evaluate(model, data, model_cfg, cfg, device, rank, world)
+                    logger.log({"step": done, **metrics})
+                if done % cfg.checkpoint_every == 0 and done != total_steps:
+                    checkpoint(done)
                 if on_step is not None:
                     on_step()
-                continue
-            before_optimizer_step(raw_model)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            completed = step + 1
-            if on_step is not None:
-                on_step()
-            train_time += time.perf_counter() - t0
-            last_loss = float(loss_avg)
-            done = step + 1
-            if is_main:
-                bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
-            if done % cfg.log_every == 0 or done == total_steps:
-                last_stats = _stats_to_floats(stat_acc, max(n_acc, 1))
-                logger.log({"step": done, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
-                            "tokens": done * tokens_per_step, "train_flops": done * flops_per_step,
-                            "tokens_per_s": tokens_per_step * (done - logged_step)
-                            / max(train_time - logged_time, 1e-9),
-                            **last_stats})
-                stat_acc, n_acc, logged_time, logged_step = {}, 0, train_time, done
-            if done % cfg.eval_every == 0 or done == total_steps:
+            final_step = end_step
+            checkpoint(final_step)
+            if not metrics or final_step != total_steps:
                 metrics = evaluate(model, data, model_cfg, cfg, device, rank, world)
-                logger.log({"step": done, **metrics})
-            if done % cfg.checkpoint_every == 0 and done != total_steps:
-                checkpoint(done)
-        final_step = end_step
-    except KeyboardInterrupt:
-        # keep the work done so far: resuming from the last completed step continues exactly
-        checkpoint(completed)
-        logger.close()
-        raise
-    checkpoint(final_step)
-    if not metrics or final_step != total_steps:
-        metrics = evaluate(model, data, model_cfg, cfg, device, rank, world)
-    logger.close()
-    steps_run = max(final_step - start_step - skipped, 1)
+        except KeyboardInterrupt:
+            # keep the work done so far: the applied update's row, then a checkpoint that resumes exactly
+            if row is not None and row["step"] == completed:
+                write_row()
+            checkpoint(completed)
+            raise
+        finally:
+            logger.close()
+    skipped_total = skipped_before + skipped
+    if skipped_total and is_main:
+        _warn(f"{skipped_total} of {final_step} steps were skipped for a non-finite loss or gradient")
+    ran = final_step - start_step - skipped
     return TrainResult(
         out_dir=str(out), steps=final_step, tokens=final_step * tokens_per_step,
         train_flops=final_step * flops_per_step, val_loss=metrics["val_loss"],
         val_bits_per_byte=metrics["val_bits_per_byte"], train_loss=last_loss,
-        tokens_per_s=steps_run * tokens_per_step / max(train_time, 1e-9), elapsed_s=train_time,
-        params=raw_model.num_params(non_embedding=False), skipped_steps=skipped, data=data.fingerprint,
-        stats=last_stats,
+        tokens_per_s=ran * tokens_per_step / train_time if ran > 0 and train_time > 0 else None,
+        elapsed_s=train_time, params=raw_model.num_params(non_embedding=False), skipped_steps=skipped_total,
+        data=data.fingerprint, stats=last_stats,
     )
 
 

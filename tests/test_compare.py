@@ -68,14 +68,15 @@ def test_outputs_exist_and_report_equals_results_json(study) -> None:
         r = saved["runs"][name]
         assert int(cells[1].replace(",", "")) == r["params"]
         assert float(cells[2]) == pytest.approx(r["train_flops_per_token"], rel=1e-3)
-        assert int(cells[4]) == r["steps"]
-        assert float(cells[5]) == pytest.approx(r["budget_used"], abs=1e-4)
-        assert float(cells[6]) == pytest.approx(r["val_loss"], abs=1e-4)
+        assert float(cells[4]) == pytest.approx(r["lr"], rel=1e-2)
+        assert int(cells[5]) == r["steps"]
+        assert float(cells[6]) == pytest.approx(r["budget_used"], abs=1e-4)
+        assert float(cells[7]) == pytest.approx(r["val_loss"], abs=1e-4)
         if name == saved["dense"]:
-            assert cells[7] == "1 (baseline)"
+            assert cells[8] == "1 (baseline)"
         else:
             b = saved["bench"][name]["train"]
-            speedup, ideal = re.fullmatch(r"([\d.]+) \(([\d.]+)\)", cells[7]).groups()
+            speedup, ideal = re.fullmatch(r"([\d.]+) \(([\d.]+)\)", cells[8]).groups()
             assert float(speedup) == pytest.approx(b["speedup"], abs=1e-3)
             assert float(ideal) == pytest.approx(b["ideal_speedup"], abs=1e-3)
             assert b["ideal_speedup"] == pytest.approx(1 / b["flop_ratio"])
@@ -146,7 +147,8 @@ def test_an_interrupted_run_resumes_exactly(tmp_path: Path, code_corpus: Path, s
     cfg = study_cfg(code_corpus, presets=["dense"], bench_modes=[])
     from condformer.compare import _train_config
 
-    train(preset("tiny"), _train_config(cfg, 0), run_dir(tmp_path, "tiny", 0), progress=False, stop_after=2)
+    train(preset("tiny"), _train_config(cfg, 0, cfg.lr_of("tiny")), run_dir(tmp_path, "tiny", 0), progress=False,
+          stop_after=2)
     resumed = run_study(cfg, tmp_path, progress=False)
     (run,) = resumed["runs"]["tiny"]["seeds"]
     (full,) = results["runs"]["tiny"]["seeds"]

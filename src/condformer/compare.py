@@ -67,7 +67,7 @@ class StudyConfig:
     seeds: int = 1
     seq_len: int = 128
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | None = None  # None: each preset at its own recommended rate (condformer.learning_rates)
     warmup_steps: int = 30
     eval_every: int = 100
     eval_batches: int = 8
@@ -97,6 +97,9 @@ class StudyConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not (self.lr > 0 and math.isfinite(self.lr))):
+            raise ConfigError(f"lr must be a finite number > 0, or null for each preset's own rate; got {self.lr!r}")
         for mode in self.bench_modes:
             if mode not in ("train", "forward", "generate"):
                 raise ConfigError(f"unknown bench mode '{mode}'; choose from train, forward, generate")
@@ -129,10 +132,19 @@ class StudyConfig:
             out.insert(0, dense[0])
         return out
 
+    def lr_of(self, preset: str) -> float:
+        """The peak rate ``preset`` trains at: the study's ``lr``, or the preset's own recommended rate."""
+        from condformer.learning_rates import recommended_lr
+        from condformer.presets import preset as make
+
+        if self.lr is not None:
+            return float(self.lr)
+        return recommended_lr(make(preset), self.batch_size * self.seq_len)
+
     def run_key(self, preset: str, seed: int) -> dict[str, Any]:
         """Everything a finished run depends on: a run is reused only when its key matches."""
         return {"preset": preset, "seed": seed, "budget_flops": self.budget_flops, "data": self.data,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "lr": self.lr,
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "lr": self.lr_of(preset),
                 "warmup_steps": self.warmup_steps, "eval_every": self.eval_every, "eval_batches": self.eval_batches}
 
 
@@ -149,7 +161,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, progress: bool = True) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = cfg.resolved()
-    train_cfgs = {(name, s): _train_config(cfg, s) for _, name in entries for s in range(cfg.seeds)}
+    train_cfgs = {(name, s): _train_config(cfg, s, cfg.lr_of(name)) for _, name in entries for s in range(cfg.seeds)}
     steps = {k: plan_steps(preset(k[0]), t, 1)[0] for k, t in train_cfgs.items()}
     n_bench = (len(entries) - 1) * len(cfg.bench_modes)
     total = sum(steps.values()) + n_bench + len(entries)  # training steps, benchmarks, analyses
@@ -192,10 +204,10 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, progress: bool = True) -
     return results
 
 
-def _train_config(cfg: StudyConfig, seed: int) -> Any:
+def _train_config(cfg: StudyConfig, seed: int, lr: float) -> Any:
     from condformer.config import TrainConfig
 
-    return TrainConfig(data=cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
+    return TrainConfig(data=cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=lr,
                        warmup_steps=cfg.warmup_steps, budget_flops=cfg.budget_flops, eval_every=cfg.eval_every,
                        eval_batches=cfg.eval_batches, seed=seed, device=cfg.device, tensorboard=False,
                        checkpoint_every=cfg.eval_every, keep_checkpoints=1).validate()  # a killed run loses little
@@ -289,6 +301,7 @@ def _summarise_runs(label: str, name: str, seeds: list[dict], cfg: StudyConfig) 
         "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else None,
         "val_bits_per_byte": _mean_or_none([r["val_bits_per_byte"] for r in seeds]),
         "steps": first["steps"], "train_flops": first["train_flops"], "params": first["params"],
+        "lr": first["key"]["lr"],
         "forward_flops_per_token": first["forward_flops_per_token"],
         "train_flops_per_token": first["train_flops_per_token"],
         "budget_used": first["train_flops"] / cfg.budget_flops,
@@ -453,21 +466,24 @@ def render_report(results: dict[str, Any]) -> str:
         f"{study['seq_len']} tokens, batch {study['batch_size']}, {study['seeds']} seed(s); speed measured "
         f"against `{dense}` in the same process ({results['machine'].get('cpu') or results['machine']}).",
         "",
-        "| preset | params | train FLOPs/token | forward FLOPs/token | steps | budget used | val loss | "
+        "| preset | params | train FLOPs/token | forward FLOPs/token | peak lr | steps | budget used | val loss | "
         + " | ".join(f"{m} speedup (ideal)" for m in study["bench_modes"]) + " |",
-        "| --- " * (7 + len(study["bench_modes"])) + "|",
+        "| --- " * (8 + len(study["bench_modes"])) + "|",
     ]
     for name in results["presets"]:
         r = runs[name]
         loss = _fmt(r["val_loss"], ".4f") + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else "")
         cells = [f"`{name}`", f"{r['params']:,}", f"{r['train_flops_per_token']:.4g}",
-                 f"{r['forward_flops_per_token']:.4g}", str(r["steps"]), f"{r['budget_used']:.4f}", loss]
+                 f"{r['forward_flops_per_token']:.4g}", _fmt(r.get("lr"), ".3g"), str(r["steps"]),
+                 f"{r['budget_used']:.4f}", loss]
         for mode in study["bench_modes"]:
             b = bench.get(name, {}).get(mode)
             cells.append("1 (baseline)" if name == dense else
                          f"{_fmt(b['speedup'], '.3f')} ({_fmt(b['ideal_speedup'], '.3f')})" if b else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Speedup = dense time / model time per iteration (median); ideal = 1 / FLOP ratio.", ""]
+    lines += ["", "Speedup = dense time / model time per iteration (median); ideal = 1 / FLOP ratio. Each preset "
+              "trains at its own peak learning rate (`condformer.learning_rates`, from measured sweeps) unless "
+              "the study sets one.", ""]
     exits = [(n, runs[n]["exits"]) for n in results["presets"] if runs[n].get("exits")]
     if exits:
         lines += ["## Early exit", "",

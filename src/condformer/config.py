@@ -113,11 +113,12 @@ class ExitConfig:
         ``mixed`` (``mixed_samples`` random exit sequences per batch, exited states copied upward).
     weights: ``uniform``, ``increasing`` (w_n = the exit's depth) or one number per exit.
     layer_dropout: LayerSkip's p_max: in training, a sample skips layer l with p_max (2^(l/(L-1)) - 1).
-    halting: ``none`` (confidence exits), ``sequence`` (one depth per sequence from its mean first-layer
-        state), ``token`` (a depth per token from its first-layer state) or ``geometric`` (a halting
-        probability at every exit; stop at the first above ``halting_tau``).
-    oracle: the halting module's target: ``likelihood``, ``smoothed`` (log-likelihoods averaged over
-        neighbouring positions with an RBF kernel of width ``oracle_sigma``), ``correctness`` or
+    halting: ``none`` (confidence exits), ``sequence`` (DAT's sequence depth from the mean first-layer state,
+        pooled causally: token t's from the mean over 0..t, so nothing sees later tokens), ``token`` (a depth
+        per token from its first-layer state) or ``geometric`` (a halting probability at every exit; stop at
+        the first above ``halting_tau``).
+    oracle: the halting module's target: ``likelihood``, ``smoothed`` (log-likelihoods convolved over
+        neighbouring positions with an RBF kernel of width ``oracle_sigma``, as in DAT), ``correctness`` or
         ``smoothed_correctness``; each penalised by ``oracle_lambda`` x depth.
     halting_alpha: weight of the halting loss. halting_detach: the halting module reads detached states.
     confidence: ``softmax`` (max probability), ``gap`` (top-1 minus top-2 probability) or ``cosine`` (of the
@@ -273,6 +274,7 @@ class ModelConfig:
         from condformer.registry import BLOCKS, FFNS, ROUTERS
 
         _positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads")
+        _finite(self, "model")
         _choice(self.kind, KINDS, "kind")
         _choice(self.mlp, MLPS, "mlp")
         _choice(self.norm, NORMS, "norm")
@@ -334,7 +336,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float | None = None  # peak rate; None: the model's recommended rate (condformer.learning_rates)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -363,8 +365,10 @@ class TrainConfig:
                   "checkpoint_every", "keep_checkpoints")
         if not (0 < self.val_fraction <= 0.5):
             raise ConfigError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        _finite(self, "train")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not self.lr > 0):
+            raise ConfigError(f"lr must be a number > 0, or null for the model's recommended rate; got {self.lr!r}")
         if not (0 <= self.min_lr_ratio <= 1):
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -392,14 +396,22 @@ class TrainConfig:
         return _from_dict(cls, d, "train")
 
 
+def _finite(obj: Any, section: str) -> None:
+    """Every float field of a config section is finite: a NaN or inf from a file would otherwise train."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{section}.{f.name} must be a finite number, got {v}")
+
+
 # -- files -------------------------------------------------------------------------------------
 def load_config_file(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]:
     """Read a JSON or YAML file holding ``{"model": {...}, "train": {...}}`` (or just the model)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist; pass an existing .json/.yaml file")
-    text = p.read_text(encoding="utf-8")
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
@@ -411,8 +423,12 @@ def load_config_file(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]
         raise ConfigError(f"cannot parse config file '{p}': {first}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping with a 'model' key (and optionally 'train')")
-    if "model" not in raw:
+    if "model" not in raw and "train" not in raw:  # just the model
         raw = {"model": raw}
+    unknown = sorted(map(str, set(raw) - {"model", "train"}))
+    if unknown or "model" not in raw:  # a misspelt section would otherwise be dropped silently
+        what = f"unknown top-level key(s) {unknown}" if unknown else "no 'model' section"
+        raise ConfigError(f"config file '{p}': {what}; it holds 'model' (and optionally 'train')")
     base = raw["model"].pop("preset", None) if isinstance(raw["model"], dict) else None
     if base is not None:  # {"model": {"preset": "small", "n_layers": 8}} overrides a preset
         from condformer.presets import preset

@@ -56,6 +56,7 @@ from condformer.config import ModelConfig, TrainConfig
 from condformer.data import TokenData, prepare_data
 from condformer.errors import ConfigError, TrainingError
 from condformer.flops import count_flops
+from condformer.learning_rates import with_default_lr
 from condformer.model import IGNORE_INDEX, Transformer, build_model
 from condformer.optim import before_optimizer_step, lr_at, make_optimizer
 
@@ -324,6 +325,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resu
     device = _resolve_device(cfg)
     rank, world, owns_group = _setup_distributed(device)
     try:
+        cfg = with_default_lr(cfg, model_cfg, world)  # lr null: the model's recommended rate, saved as a number
         result = _train(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data, on_step)
         if owns_group:  # rank 0 may still be writing its checkpoint: tearing gloo down under it aborts a rank
             dist.barrier()

@@ -10,14 +10,30 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from condformer.cli_checks import (
+    DEVICES,
+    NONNEG,
+    NONNEG_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    OneLineParser,
+    check_device,
+    check_generate_flags,
+    check_out_dir,
+    check_train_inputs,
+    check_utf8,
+    device_name,
+    finite,
+    os_error_message,
+    out_of_memory_message,
+    parse_thresholds,
+    read_utf8_file,
+    removed_if_unused,
+)
 from condformer.errors import CondformerError, ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
-        raise CondformerError(f"{message} (see `{self.prog} --help`)")
 
 
 def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
@@ -66,10 +82,16 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 # -- train / eval / generate -------------------------------------------------------------------
-def _train_config(args: argparse.Namespace, base):
+def _train_config(args: argparse.Namespace, base, given=None):
+    """``base`` (a config file's TrainConfig or, on --resume, the run's saved one), then what a config file
+    ``given`` on --resume sets away from the defaults, then the flags typed: only what the user set can
+    differ from a resumed run's settings (and be reported as ignored)."""
     from condformer.config import TrainConfig
 
     cfg = base or TrainConfig()
+    if given is not None:
+        defaults = TrainConfig().to_dict()
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in given.to_dict().items() if v != defaults[k]}})
     overrides = {"data": args.data, "tokenizer": args.tokenizer, "max_steps": args.max_steps,
                  "budget_flops": args.budget_flops, "budget_tokens": args.budget_tokens, "seq_len": args.seq_len,
                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
@@ -81,25 +103,40 @@ def _train_config(args: argparse.Namespace, base):
     if args.compile:
         cfg.compile = True
     if cfg.max_steps is None and cfg.budget_tokens is None and cfg.budget_flops is None:
-        cfg.max_steps = 1000
+        cfg.max_steps = 1000  # a new run with no budget given (a saved run always has its own)
     return cfg.validate()
+
+
+def _saved_run(out: Path):
+    """On --resume, the run's saved configs: its checkpoint's or, for a run stopped before its first
+    checkpoint, its config.json's. Nothing to resume: train()'s own one-line error, before anything else."""
+    from condformer.checkpoint import check_run_dir, read_checkpoint, resolve_checkpoint
+    from condformer.config import load_config_file
+
+    check_run_dir(out, resume=True)
+    if resolve_checkpoint(out) is None:
+        return load_config_file(out / "config.json")
+    ck = read_checkpoint(out)
+    return ck.model_cfg, ck.train_cfg
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from condformer.train import train
 
-    if args.resume and not args.preset and not args.config:
-        from condformer.checkpoint import read_checkpoint
-
-        ck = read_checkpoint(args.out)
-        model_cfg, train_cfg = ck.model_cfg, ck.train_cfg
-    else:
-        model_cfg, train_cfg = _model_config(args)
-        train_cfg = _train_config(args, train_cfg)
-    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    bpb = result.val_bits_per_byte
+    check_utf8(args.sample, "--sample")
+    saved_model, saved_train = _saved_run(Path(args.out)) if args.resume else (None, None)
+    model_cfg, given = (saved_model, None) if args.resume and not (args.preset or args.config) else _model_config(args)
+    # on --resume the saved settings are the base: only what the user set can be reported as ignored
+    train_cfg = _train_config(args, saved_train, given) if saved_train else _train_config(args, given)
+    check_train_inputs(model_cfg, train_cfg, args.sample, args.sample_tokens, args.out)
+    with removed_if_unused(args.out):
+        result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    bpb, skipped, tps = result.val_bits_per_byte, result.skipped_steps, result.tokens_per_s
+    speed = f"{tps:,.0f} tokens/s" if tps is not None else "no update applied" if skipped else \
+        "no steps left to run"  # every step this call ran was skipped, or none ran (a finished run resumed)
     lines = [f"trained {model_cfg.name}: {result.steps} steps, {result.tokens:,} tokens, "
-             f"{result.train_flops:.3g} FLOPs, {result.tokens_per_s:,.0f} tokens/s",
+             f"{result.train_flops:.3g} FLOPs, {speed}"
+             + (f", {skipped} step{'s' * (skipped != 1)} skipped (non-finite loss or gradient)" if skipped else ""),
              f"validation loss {result.val_loss:.4f}" + (f" ({bpb:.4f} bits/byte)" if bpb is not None else ""),
              f"checkpoint: {result.out_dir}"]
     payload = result.to_dict()
@@ -111,27 +148,33 @@ def cmd_train(args: argparse.Namespace) -> None:
     _emit(args, "\n".join(lines), payload)
 
 
-def _load_for_inference(path: str):
+def _load_for_inference(path: str, eval_routing: str | None = None, exit_threshold: str | None = None):
+    """A checkpoint's model, tokenizer and configs, with the routing and exit thresholds asked for."""
     from condformer.checkpoint import load_for_inference
 
-    return load_for_inference(path)
+    ck, model, tok = load_for_inference(path)
+    if eval_routing:
+        from condformer.routing.mod import set_eval_routing
+
+        set_eval_routing(model, eval_routing)
+    if exit_threshold is not None:
+        from condformer.routing.early_exit import set_exit_thresholds
+
+        set_exit_thresholds(model, parse_thresholds(exit_threshold))
+    return ck, model, tok
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from condformer.data import prepare_data
     from condformer.train import evaluate
 
-    ck, model, tok = _load_for_inference(args.checkpoint)
-    if args.eval_routing:
-        from condformer.routing.mod import set_eval_routing
-
-        set_eval_routing(model, args.eval_routing)
+    ck, model, tok = _load_for_inference(args.checkpoint, eval_routing=args.eval_routing)
     cfg = ck.train_cfg
     if cfg is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no training config; evaluate a run written by train")
     if args.data:
         cfg.data = args.data
-    if args.batches:
+    if args.batches is not None:
         cfg.eval_batches = args.batches
     data = prepare_data(cfg.data, tok or cfg.tokenizer, cfg.val_fraction)
     device = str(next(model.parameters()).device)
@@ -142,20 +185,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, human, {"checkpoint": str(ck.path), "step": ck.state["step"], **m, "data": data.fingerprint})
 
 
-def parse_thresholds(text: str) -> float | list[float | None]:
-    """``--exit-threshold``: one number for every exit, or one per exit, comma-separated (``off``: not checked)."""
-    try:
-        values = [None if v.strip().lower() == "off" else float(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--exit-threshold takes a number or comma-separated numbers (or 'off'), got '{text}'") \
-            from None
-    if len(values) == 1:
-        if values[0] is None:
-            raise ConfigError("--exit-threshold off alone switches every exit off: omit the flag for full depth")
-        return values[0]
-    return values
-
-
 def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int, stream: bool, exit_threshold: str | None = None,
                    speculative: int | None = None, draft_tokens: int = 4, stats: dict | None = None) -> str:
@@ -163,11 +192,7 @@ def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperatu
 
     from condformer.generate import SamplingConfig, generate
 
-    ck, model, tok = _load_for_inference(path)
-    if exit_threshold is not None:
-        from condformer.routing.early_exit import set_exit_thresholds
-
-        set_exit_thresholds(model, parse_thresholds(exit_threshold))
+    ck, model, tok = _load_for_inference(path, exit_threshold=exit_threshold)
     if tok is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot decode text")
     ids = tok.encode(prompt)
@@ -199,10 +224,7 @@ def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperatu
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    if args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None):
-        raise ConfigError("--greedy takes no --temperature/--top-k/--top-p; drop one or the other")
-    if args.speculative is not None and args.exit_threshold is not None:
-        raise ConfigError("--speculative verifies every token with the full model; it takes no --exit-threshold")
+    check_generate_flags(args)
     if not args.json:
         sys.stdout.write(args.prompt)
     stats: dict = {}
@@ -267,29 +289,16 @@ gets a label and it fits even a test model's max_seq_len of 64."""
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from condformer.inspection import inspect_routing, plot_routing, short_name
 
     if args.text_file is not None:
-        try:
-            text = Path(args.text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
-            raise CondformerError(f"cannot read --text-file '{args.text_file}' ({reason})") from None
+        text = read_utf8_file(args.text_file, "--text-file")
     else:
+        check_utf8(args.text, "--text")
         text = INSPECT_TEXT if args.text is None else args.text
-    ck, model, tok = _load_for_inference(args.checkpoint)
+    ck, model, tok = _load_for_inference(args.checkpoint, args.eval_routing, args.exit_threshold)
     if tok is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot encode text")
-    if args.eval_routing:
-        from condformer.routing.mod import set_eval_routing
-
-        set_eval_routing(model, args.eval_routing)
-    if args.exit_threshold is not None:
-        from condformer.routing.early_exit import set_exit_thresholds
-
-        set_exit_thresholds(model, parse_thresholds(args.exit_threshold))
     result = inspect_routing(model, tok, text)
     run_dir = ck.path.parent.parent if ck.path.parent.name == "checkpoints" else ck.path
     png = plot_routing(result, args.out or run_dir / "inspect.png")
@@ -320,8 +329,6 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def _exit_curve(ck, model, tok, run_dir, args: argparse.Namespace, lines: list[str]) -> dict:  # noqa: ANN001
     """Quality vs average depth over shared confidence thresholds, on a few validation batches."""
-    from pathlib import Path
-
     from condformer.calibrate import depth_quality_curve, validation_batches
     from condformer.data import prepare_data
     from condformer.inspection import plot_exit_curve
@@ -360,6 +367,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from condformer.compare import StudyConfig, render_summary, run_study
 
+    if args.device is not None:
+        check_device(args.device)
+    check_out_dir(args.out)
     budget = "quick" if args.quick else "gpu" if args.gpu else "cpu" if args.full else None
     if budget is None:
         import torch
@@ -376,9 +386,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="condformer", description="Conditional-computation Transformers: train, measure, generate.")
+    p = OneLineParser(prog="condformer", description="Conditional-computation Transformers: train, measure, generate.")
     p.add_argument("--version", action="version", version=f"condformer {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     s = sub.add_parser("presets", help="list the named model configurations")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -386,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("flops", help="analytic FLOPs and parameters of a config")
     _add_model_args(s)
-    s.add_argument("--seq-len", type=int, default=1024)
+    s.add_argument("--seq-len", type=POSITIVE_INT, default=1024)
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_flops)
 
@@ -395,26 +405,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="stdlib | PATH (file, directory or glob) | hf:NAME[:SPLIT:COLUMN] | "
                                   "synthetic:mixed-difficulty")
     s.add_argument("--tokenizer", help="byte (default) | bpe | bpe:VOCAB")
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--budget-flops", type=float, help="stop at this many training FLOPs (analytic)")
-    s.add_argument("--budget-tokens", type=int)
-    s.add_argument("--seq-len", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--grad-accum", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--warmup-steps", type=int)
+    s.add_argument("--max-steps", type=int)  # TrainConfig.validate: > 0
+    s.add_argument("--budget-flops", type=POSITIVE, help="stop at this many training FLOPs (analytic)")
+    s.add_argument("--budget-tokens", type=POSITIVE_INT)
+    s.add_argument("--seq-len", type=POSITIVE_INT)
+    s.add_argument("--batch-size", type=POSITIVE_INT)
+    s.add_argument("--grad-accum", type=POSITIVE_INT)
+    s.add_argument("--lr", type=POSITIVE)
+    s.add_argument("--warmup-steps", type=NONNEG_INT)
     s.add_argument("--seed", type=int)
-    s.add_argument("--eval-every", type=int)
-    s.add_argument("--checkpoint-every", type=int)
+    s.add_argument("--eval-every", type=POSITIVE_INT)
+    s.add_argument("--checkpoint-every", type=POSITIVE_INT)
     s.add_argument("--on-nonfinite", choices=["stop", "skip"])
-    s.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    s.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:1, mps")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--out", default="runs/latest", help="run directory (checkpoints, logs)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the run's saved config")
     s.add_argument("--sample", metavar="PROMPT", help="after training, print a sample continuing PROMPT")
-    s.add_argument("--sample-tokens", type=int, default=200)
+    s.add_argument("--sample-tokens", type=POSITIVE_INT, default=200)
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_train)
@@ -422,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="validation loss of a checkpoint")
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
     s.add_argument("--data", help="evaluate on another corpus (default: the run's)")
-    s.add_argument("--batches", type=int, help="number of validation batches")
+    s.add_argument("--batches", type=POSITIVE_INT, help="number of validation batches")
     s.add_argument("--eval-routing", choices=["causal", "topk"],
                    help="routed layers: learned causal decisions (the default, as in sampling) or top-k at "
                         "capacity (not causal: an upper bound on what causal routing can reach)")
@@ -432,11 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="continue a prompt with a trained decoder (KV-cached, streaming)")
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--max-new-tokens", type=POSITIVE_INT, default=200)
     s.add_argument("--greedy", action="store_true")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
+    s.add_argument("--temperature", type=POSITIVE, help="> 0 (--greedy for argmax)")
+    s.add_argument("--top-k", type=POSITIVE_INT)
+    s.add_argument("--top-p", type=finite(0, 1), help="in (0, 1]")
     s.add_argument("--seed", type=int, default=0)
     _add_exit_decoding_args(s, "")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -444,14 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("calibrate", help="pick early-exit thresholds that keep quality within a tolerance")
     s.add_argument("checkpoint", help="run directory or checkpoint directory of a model with exits")
-    s.add_argument("--tolerance", type=float, required=True,
+    s.add_argument("--tolerance", type=NONNEG, required=True,
                    help="allowed relative loss increase (0.01 = 1%%), or share of tokens allowed to disagree with "
                         "the full model (--metric agreement)")
     s.add_argument("--metric", choices=["loss", "agreement"], default="loss")
-    s.add_argument("--batches", type=int, default=20,
+    s.add_argument("--batches", type=int, default=20,  # checked in cmd_calibrate
                    help="validation batches to calibrate on (as many others check the result)")
     s.add_argument("--data", help="calibrate on another corpus (default: the run's)")
-    s.add_argument("--check-cost", type=float,
+    s.add_argument("--check-cost", type=NONNEG,
                    help="cost of an exit check that does not fire, in layers (default: head / layer FLOPs)")
     s.add_argument("--dry-run", action="store_true", help="report the thresholds without writing them")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -462,17 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a preset name, a config file (.json/.yaml) or a run directory (trained weights)")
     s.add_argument("--vs", help="the baseline, given the same way (e.g. the dense twin)")
     s.add_argument("--mode", choices=["train", "forward", "generate"], default="train")
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--repeats", type=int, default=7)
-    s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--seq-len", type=POSITIVE_INT, default=256)
+    s.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    s.add_argument("--repeats", type=POSITIVE_INT, default=7)
+    s.add_argument("--warmup", type=NONNEG_INT, default=2)
+    s.add_argument("--device", type=device_name, default="auto", help=DEVICES)
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     s.add_argument("--eval-routing", choices=["topk", "causal"], default="topk",
                    help="forward mode: routed layers at static capacity (topk) or by learned causal decisions")
     s.add_argument("--data", help="time on windows of this corpus (stdlib, PATH) instead of random tokens")
-    s.add_argument("--new-tokens", type=int, help="generate mode: tokens decoded per prompt (default 32)")
+    s.add_argument("--new-tokens", type=POSITIVE_INT, help="generate mode: tokens decoded per prompt (default 32)")
     _add_exit_decoding_args(s, "generate mode, --preset only (the baseline --vs decodes at full depth): ")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -487,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-routing", choices=["causal", "topk"],
                    help="routed layers: causal decisions (default, as in sampling) or training-time top-k")
     s.add_argument("--exit-threshold", metavar="P", help="early exit: confidence threshold(s) for the text's depths")
-    s.add_argument("--curve-batches", type=int, default=4,
+    s.add_argument("--curve-batches", type=POSITIVE_INT, default=4,
                    help="exit models: validation batches for the quality vs average depth curve")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_inspect)
@@ -499,14 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="under 10 minutes on 2 CPU cores (the default on CPU)")
     b.add_argument("--full", action="store_true", help="the CPU study: ~20 min on 2 cores (default presets)")
     b.add_argument("--gpu", action="store_true", help="the GPU study (the default when CUDA is available)")
-    s.add_argument("--budget-flops", type=float, help="training FLOPs per run (overrides the budget preset)")
+    s.add_argument("--budget-flops", type=POSITIVE, help="training FLOPs per run (overrides the budget preset)")
     s.add_argument("--size", help="model size of the techniques: tiny, small, medium, gpt2-small")
     s.add_argument("--data", help="stdlib (default) | synthetic:mixed-difficulty | PATH | hf:NAME")
-    s.add_argument("--seeds", type=int, help="runs per preset (error bars when > 1)")
-    s.add_argument("--seq-len", type=int)
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--seeds", type=POSITIVE_INT, help="runs per preset (error bars when > 1)")
+    s.add_argument("--seq-len", type=POSITIVE_INT)
+    s.add_argument("--batch-size", type=POSITIVE_INT)
     s.add_argument("--bench-modes", help="comma-separated: train, forward, generate (default: train,forward)")
-    s.add_argument("--device", help="auto (default), cpu, cuda")
+    s.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:N, mps")
     s.add_argument("--out", default="runs/compare", help="study directory (reused: finished runs are skipped)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -519,9 +529,10 @@ def _add_exit_decoding_args(s: argparse.ArgumentParser, where: str) -> None:
                    help=f"{where}early exit: a token stops at the first exit whose confidence exceeds P (one number, "
                         f"or one per exit, comma-separated, 'off' for an exit not checked); default: the "
                         f"checkpoint's calibrated thresholds, if any")
-    s.add_argument("--speculative", type=int, metavar="E",
+    s.add_argument("--speculative", type=POSITIVE_INT, metavar="E",
                    help=f"{where}self-speculative decoding: draft with the first E layers' exit, verify with all")
-    s.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verification (--speculative)")
+    s.add_argument("--draft-tokens", type=POSITIVE_INT, default=4,
+                   help="tokens drafted per verification (--speculative)")
 
 
 def _add_model_args(s: argparse.ArgumentParser) -> None:
@@ -541,13 +552,24 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.func(args)
     except CondformerError as e:
-        print(f"condformer: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     except KeyboardInterrupt:
         print("condformer: interrupted (a training run saved a checkpoint; continue it with --resume)",
               file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        line = out_of_memory_message(e)
+        if line is None:
+            raise
+        return _fail(line)
+    except OSError as e:  # a file-system failure while reading or writing (full disk, permissions, ...)
+        return _fail(os_error_message(e))
     return 0
+
+
+def _fail(message: str) -> int:
+    print("condformer: error: " + " ".join(message.split("\n")), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ alone or in a batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,8 +29,9 @@ class SamplingConfig:
     def validate(self) -> SamplingConfig:
         if self.max_new_tokens < 1:
             raise CondformerError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.greedy and not self.temperature > 0:
-            raise CondformerError(f"temperature must be > 0 (use --greedy for argmax), got {self.temperature}")
+        if not self.greedy and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise CondformerError(f"temperature must be a finite number > 0 (use --greedy for argmax), "
+                                  f"got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise CondformerError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not (0 < self.top_p <= 1):

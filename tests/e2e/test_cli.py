@@ -85,6 +85,57 @@ def test_resume_extends_nothing_when_done(run_dir: tuple[Path, dict], env: dict)
     assert again["steps"] == res["steps"]
 
 
+TINY = ["--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--no-progress"]
+
+
+def test_resume_takes_typed_flags_over_the_saved_run(tmp_path: Path, env: dict, code_corpus: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # in-process: four trainer calls without four torch imports
+    from condformer.cli import main
+
+    monkeypatch.setenv("CONDFORMER_CACHE", env["CONDFORMER_CACHE"])
+    run = str(tmp_path / "run")
+    assert main(["train", "--preset", "tiny", "--data", str(code_corpus), "--max-steps", "2", *TINY, "--out", run]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", run, "--lr", "0.5", "--no-progress", "--json"]) == 0
+    out, err = capsys.readouterr()
+    [warning] = [line for line in err.splitlines() if "ignored" in line]
+    assert "lr=0.5" in warning and "max_steps" not in warning and "data" not in warning, warning
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2  # the saved budget still holds
+    for extra in ([], ["--preset", "tiny"]):  # untyped settings (defaults included) are never reported
+        assert main(["train", "--resume", "--out", run, "--no-progress", *extra]) == 0
+        out, err = capsys.readouterr()
+        assert "ignored" not in err and "no steps left to run" in out, err
+
+
+def test_train_summary_counts_skipped_steps(tmp_path: Path, env: dict, code_corpus: Path,
+                                            capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # as tests/test_train.py does: a router whose auxiliary loss is NaN makes every step non-finite
+    from condformer.cli import main
+    from condformer.registry import ROUTERS
+    from condformer.routing.dense import DenseRouter
+
+    class NaNRouter(DenseRouter):
+        def forward(self, x, ctx):  # noqa: ANN001, ANN201
+            ctx.tally.loss("nan", x.sum() * float("nan"))
+            return super().forward(x, ctx)
+
+    if "test_cli_nan" not in ROUTERS.names():
+        ROUTERS.register("test_cli_nan")(NaNRouter)
+    cfg = tmp_path / "nan.json"
+    cfg.write_text(json.dumps({"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
+                                         "layers": ["dense", {"router": "test_cli_nan"}]},
+                               "train": {"eval_batches": 1, "tensorboard": False}}))
+    monkeypatch.setenv("CONDFORMER_CACHE", env["CONDFORMER_CACHE"])
+    assert main(["train", "--config", str(cfg), "--data", str(code_corpus), "--max-steps", "3", "--on-nonfinite",
+                 "skip", *TINY, "--out", str(tmp_path / "run")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("trained ") and ": 3 steps, " in first, first
+    assert first.endswith(", no update applied, 3 steps skipped (non-finite loss or gradient)"), first
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

@@ -46,6 +46,13 @@ def test_a_mixed_pattern_takes_the_most_cautious_family() -> None:
     assert recommended_lr(cfg, DEFAULT_TOKENS) == pytest.approx(8e-3)
 
 
+def test_technique_factors_from_the_quick_sweep() -> None:
+    """At 8 x 128 tokens per step: MoD, MoE and exits best at the dense rate (2e-3), AltUp at twice it."""
+    for name, want in (("tiny-mod", 2e-3), ("tiny-moe", 2e-3), ("tiny-exit", 2e-3), ("tiny-altup", 4e-3),
+                       ("tiny-raltup", 4e-3)):
+        assert recommended_lr(preset(name), 8 * 128) == pytest.approx(want), name
+
+
 def test_techniques_are_recognised() -> None:
     assert techniques(preset("tiny")) == []
     assert techniques(preset("tiny-mod")) == ["mod"]

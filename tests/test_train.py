@@ -397,9 +397,21 @@ INTERRUPTS = [  # (where, at the n-th call, how): "raise" raises KeyboardInterru
 ]
 
 
+@pytest.fixture
+def interactive_sigint():  # noqa: ANN201
+    """SIGINT raising KeyboardInterrupt, as at a terminal: a process started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no handler for it."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("where, n, how", INTERRUPTS)
 def test_ctrl_c_anywhere_in_a_step_resumes_to_the_uninterrupted_log(
-        where: str, n: int, how: str, corpus: Path, tmp_path: Path, monkeypatch, uninterrupted: list[dict]) -> None:
+        where: str, n: int, how: str, corpus: Path, tmp_path: Path, monkeypatch, uninterrupted: list[dict],
+        interactive_sigint: None) -> None:
     import os
     import signal
 

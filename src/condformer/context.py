@@ -64,6 +64,8 @@ class Context:
         path instead of an explicit mask (true for 0..T-1 and for a position-sorted subset of it).
     tokens_BT: each position's input token id, for components that route on ids (hash-routed experts);
         None when the caller feeds hidden states without ids.
+    accumulate: whether layers may update state kept outside the gradient (MoE's aux-loss-free load);
+        False for a side pass that must leave no trace (mixed exit training's last-layer loss).
     """
 
     positions_BT: torch.Tensor
@@ -74,6 +76,7 @@ class Context:
     contiguous: bool = True
     layer: int = 0
     tokens_BT: torch.Tensor | None = None
+    accumulate: bool = True
 
     def for_layer(self, layer: int) -> Context:
         return dataclasses.replace(self, layer=layer)

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from condformer.config import (
     AltUpConfig,
     ExitConfig,
+    LayerSpec,
     ModelConfig,
     TrainConfig,
     load_config_file,
@@ -304,6 +305,21 @@ def test_mixed_training_is_the_mean_over_sampled_depths(head, M):
     torch.manual_seed(124)
     with torch.no_grad():
         assert abs(float(model(x, y).loss) - float(want)) > 1e-6
+
+
+@torch.no_grad()
+def test_mixed_trainings_last_layer_pass_leaves_no_trace():
+    """The extra full-depth pass for ``Output.loss`` adds no statistics, no auxiliary loss and no
+    aux-loss-free load: an MoE layer counts the choices of the M sampled passes only."""
+    M, B, T = 2, 2, 10
+    moe = LayerSpec(ffn="moe", options={"experts": 4, "top_k": 2, "aux_free_rate": 0.01, "capacity_factor": None})
+    cfg = dataclasses.replace(_cfg(training="mixed", mixed_samples=M), layers=[LayerSpec(), moe])
+    model = build_model(cfg).double().train()
+    out = model(_tokens(B, T), _targets(B, T))
+    ffn = model.layers[1].block.ffn
+    assert float(ffn._load_acc.sum()) == M * B * T * 2
+    balance = [k for k in out.aux_losses if k.startswith("moe")]
+    assert balance and out.stats  # the sampled passes did report
 
 
 # -- 5. confidence exits at inference -------------------------------------------------------------------

@@ -337,7 +337,7 @@ class EarlyExit(nn.Module):
             logits = result.logits
         objective = total / self.spec.mixed_samples
         with torch.no_grad():
-            quiet, h_BTD = dataclasses.replace(ctx, tally=Tally()), h0_BTD
+            quiet, h_BTD = dataclasses.replace(ctx, tally=Tally(), accumulate=False), h0_BTD
             for i in range(self.n_layers):
                 h_BTD = model.layers[i](h_BTD, quiet.for_layer(i))
             last = _ce(self.exit_logits(self.n_exits - 1, h_BTD, model), targets_BT)

@@ -185,8 +185,8 @@ class MoEFFN(nn.Module):
             expert_NK = torch.where(valid_N[:, None], expert_NK, self.n_total)
         if self.training:
             self._add_losses(r, loss_rows, ctx)
-            if self.aux_free_rate > 0 and torch.is_grad_enabled():  # the load of passes that train, not of
-                self._accumulate_load(expert_NK)                      # a no-grad side pass (mixed exits' loss)
+            if self.aux_free_rate > 0 and ctx.accumulate:
+                self._accumulate_load(expert_NK)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         kept_NK = None
         how = self.dispatch

@@ -379,7 +379,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     modes = [m.strip() for m in args.bench_modes.split(",") if m.strip()] if args.bench_modes else None
     cfg = StudyConfig.from_budget(budget, presets=presets, size=args.size, budget_flops=args.budget_flops,
                                   data=args.data, seeds=args.seeds, seq_len=args.seq_len,
-                                  batch_size=args.batch_size, bench_modes=modes, device=args.device)
+                                  batch_size=args.batch_size, bench_modes=modes, device=args.device, lr=args.lr)
     results = run_study(cfg, args.out, progress=not args.no_progress)
     _emit(args, render_summary(results, args.out), results)
 
@@ -515,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=POSITIVE_INT, help="runs per preset (error bars when > 1)")
     s.add_argument("--seq-len", type=POSITIVE_INT)
     s.add_argument("--batch-size", type=POSITIVE_INT)
+    s.add_argument("--lr", type=POSITIVE, help="one peak learning rate for every preset (default: each its own)")
     s.add_argument("--bench-modes", help="comma-separated: train, forward, generate (default: train,forward)")
     s.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:N, mps")
     s.add_argument("--out", default="runs/compare", help="study directory (reused: finished runs are skipped)")

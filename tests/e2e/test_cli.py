@@ -269,3 +269,17 @@ def test_inspect_user_errors_are_one_line(args: list[str], needle: str, mod_run:
     assert main(["inspect", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_compare_lr_sets_one_shared_rate_and_its_absence_each_presets_own(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    import condformer.compare as compare
+    from condformer.cli import main
+
+    seen = []
+    monkeypatch.setattr(compare, "run_study", lambda cfg, out, progress: seen.append(cfg) or {})
+    monkeypatch.setattr(compare, "render_summary", lambda results, out: "")
+    for argv in (["--lr", "0.003"], []):
+        assert main(["compare", "--quick", "--out", str(tmp_path / "s"), "--no-progress", *argv]) in (0, None)
+    shared, own = seen
+    assert shared.lr_of("tiny") == shared.lr_of("tiny-sasp") == 0.003
+    assert own.lr is None and own.lr_of("tiny-sasp") == 4 * own.lr_of("tiny")

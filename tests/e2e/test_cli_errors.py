@@ -97,6 +97,7 @@ CASES: list[tuple[str, list[str], tuple | None]] = [
     ("lr-inf", [*TRAIN, *OUT, "--lr", "inf"], None),
     ("lr-nan", [*TRAIN, *OUT, "--lr", "nan"], None),
     ("compare-budget-nan", ["compare", "--budget-flops", "nan", "--out", "{tmp}/study"], None),
+    ("compare-lr-nan", ["compare", "--lr", "nan", "--out", "{tmp}/study"], None),
     ("temperature-inf", [*GEN, "--temperature", "inf"], None),
     ("temperature-nan", [*GEN, "--temperature", "nan"], None),
     ("temperature-negative", [*GEN, "--temperature", "-1"], None),

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from condformer.config import AltUpConfig, ExitConfig, LayerSpec, ModelConfig
+from condformer.exits import halting
+from condformer.exits.halting import confidence
+from condformer.exits.heads import set_exit_thresholds
 from condformer.model import build_model
-from condformer.routing import early_exit
-from condformer.routing.early_exit import confidence, set_exit_thresholds
 
 V, D, L, B, T = 64, 32, 4, 3, 20
 CUTS = (1, 7, 14)  # tokens from t on are redrawn; logits before t must stay
@@ -98,7 +99,8 @@ def _median_thresholds(model: torch.nn.Module, tokens: torch.Tensor) -> None:
         h_prev, h = h, layer(h, ctx.for_layer(i))
         k = ex.exit_of_layer.get(i)
         if k is not None and k < ex.n_exits - 1:
-            thresholds.append(float(confidence(ex.spec.confidence, ex.exit_logits(k, h, model), h, h_prev).median()))
+            logits = model.exit_heads().logits(k, h)
+            thresholds.append(float(confidence(ex.spec.confidence, logits, h, h_prev).median()))
     set_exit_thresholds(model, thresholds)
 
 
@@ -147,5 +149,5 @@ def test_sequence_halting_pooled_over_the_whole_sequence_fails_the_check(monkeyp
     def whole_sequence_mean(x_BTD: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
         return x_BTD.mean(dim=1, keepdim=True).expand_as(x_BTD)
 
-    monkeypatch.setattr(early_exit, "prefix_mean", whole_sequence_mean)
+    monkeypatch.setattr(halting, "prefix_mean", whole_sequence_mean)
     assert _max_leak(model, 1)[0] > 1e-6

@@ -16,9 +16,11 @@ from condformer.cache import KVCache
 from condformer.config import ExitConfig, LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.errors import CondformerError
+from condformer.exits.decoder import ExitDecoder
+from condformer.exits.halting import confidence
+from condformer.exits.heads import ExitHeads, set_exit_thresholds
 from condformer.generate import SamplingConfig, generate, left_pad
 from condformer.model import build_layer, build_model
-from condformer.routing.early_exit import ExitDecoder, confidence, set_exit_thresholds
 from helpers import naive_greedy, one_line_error
 
 L = 4  # layers of every model here
@@ -53,7 +55,7 @@ def exit_confidences(model: nn.Module, tokens_BT: torch.Tensor) -> list[torch.Te
         prev, h = h, layer(h, ctx.for_layer(i))
         k = ex.exit_of_layer.get(i)
         if k is not None and k < ex.n_exits - 1:
-            out.append(confidence(ex.spec.confidence, ex.exit_logits(k, h, model), h, prev).flatten())
+            out.append(confidence(ex.spec.confidence, model.exit_heads().logits(k, h), h, prev).flatten())
     return out
 
 
@@ -69,10 +71,10 @@ def set_quantile_thresholds(model: nn.Module, q: float = 0.6) -> list[float]:
 def generate_capturing(model: nn.Module, prompts: list[list[int]], n: int,
                        seed: int | None = None) -> tuple[list[list[int]], dict, torch.Tensor, int]:
     """Generation with early exits (greedy, or sampled with ``seed``); also every logit row the decoder returned
-    (B, n, V) and the number of ``_flush`` calls that found pending tokens (keys and values computed later by
+    (B, n, V) and the number of ``flush`` calls that found pending tokens (keys and values computed later by
     ``append_kv``)."""
     logits, flushed = [], [0]
-    prefill, step, flush = ExitDecoder.prefill, ExitDecoder.step, ExitDecoder._flush
+    prefill, step, flush = ExitDecoder.prefill, ExitDecoder.step, ExitDecoder.flush
 
     def capture_prefill(self, *args):
         out = prefill(self, *args)
@@ -92,7 +94,7 @@ def generate_capturing(model: nn.Module, prompts: list[list[int]], n: int,
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ExitDecoder, "prefill", capture_prefill)
         mp.setattr(ExitDecoder, "step", capture_step)
-        mp.setattr(ExitDecoder, "_flush", count_flush)
+        mp.setattr(ExitDecoder, "flush", count_flush)
         cfg = SamplingConfig(max_new_tokens=n, greedy=seed is None)
         g = None if seed is None else torch.Generator().manual_seed(seed)
         out = generate(model, prompts, cfg, generator=g, stats=stats)
@@ -292,7 +294,7 @@ def test_control_dropping_pending_keys_and_values_changes_the_logits():
     fed = [torch.randint(0, 260, (len(SCHEDULE),), generator=g).tolist() for _ in prompts]
     want = forward_with_depths(model, prompts, fed, torch.tensor(SCHEDULE)[:, None].expand(-1, 2))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ExitDecoder, "_flush", lambda self, i, lctx: self.pending[i].clear())
+        mp.setattr(ExitDecoder, "flush", lambda self, i, lctx: self.pending[i].clear())
         got, _, _ = decode_schedule(model, prompts, fed, SCHEDULE)
     diff = (got - want).abs().amax(dim=(0, 2))
     # identical until the first deeper token after an early exit (step 2 feeds a depth-4 token after two
@@ -302,7 +304,7 @@ def test_control_dropping_pending_keys_and_values_changes_the_logits():
     # and a generate-based run with the same sabotage fails the check
     set_quantile_thresholds(model)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ExitDecoder, "_flush", lambda self, i, lctx: self.pending[i].clear())
+        mp.setattr(ExitDecoder, "flush", lambda self, i, lctx: self.pending[i].clear())
         with pytest.raises(AssertionError):
             check_exit_generation(model, PROMPTS_1)
 
@@ -422,18 +424,18 @@ def test_forward_rejects_a_depth_without_exit():
 
 @pytest.mark.parametrize("prompts", [PROMPTS_1, PROMPTS_2], ids=["B1", "B2_left_padded"])
 @pytest.mark.parametrize("confidence_kind", ["softmax", "cosine"])
-def test_a_null_threshold_switches_its_exit_off(prompts, confidence_kind):
+def test_a_null_threshold_switches_its_exit_off(prompts, confidence_kind, monkeypatch):
     model = make_model(confidence=confidence_kind)
     low = set_quantile_thresholds(model, q=0.3)
     set_exit_thresholds(model, [None, low[1], None])  # only the exit after layer 1 is checked
     calls = []
-    real = model.exits.exit_logits
+    real = ExitHeads.logits
 
-    def spy(k, h, m):
+    def spy(self, k, r):
         calls.append(k)
-        return real(k, h, m)
+        return real(self, k, r)
 
-    model.exits.exit_logits = spy
+    monkeypatch.setattr(ExitHeads, "logits", spy)
     depths, _ = check_exit_generation(model, prompts, seed=3)
     assert set(depths.flatten().tolist()) == {2, L}  # tokens stop after layer 1 or run to the end
     assert set(calls) <= {1, L - 1}  # exits 0 and 2 never computed a head

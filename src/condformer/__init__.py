@@ -17,11 +17,11 @@ from condformer.config import (
     load_config_file,
 )
 from condformer.errors import CondformerError, ConfigError
+from condformer.exits.heads import set_exit_thresholds
 from condformer.flops import count_flops
 from condformer.generate import SamplingConfig, generate
 from condformer.model import Output, Transformer, build_model
 from condformer.presets import preset, presets
-from condformer.routing.early_exit import set_exit_thresholds
 
 __version__ = "0.1.0"
 

@@ -350,7 +350,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
         sampling = SamplingConfig(max_new_tokens=cfg.new_tokens, greedy=True)
         speculative = None if baseline else cfg.speculative
         if getattr(model, "exits", None) is not None and model.exits.halting is None:
-            from condformer.routing.early_exit import set_exit_thresholds
+            from condformer.exits.heads import set_exit_thresholds
 
             if baseline:
                 # full depth through the same early-exit decoder with every exit switched off: the ratio then

@@ -32,7 +32,9 @@ from typing import Any
 import torch
 
 from condformer.errors import CondformerError
-from condformer.routing.early_exit import IGNORE_INDEX, confidence, target_log_likelihood
+from condformer.exits.halting import confidence
+from condformer.exits.policies import RecordExits
+from condformer.losses import IGNORE_INDEX, target_log_likelihood
 
 METRICS = ("loss", "agreement")
 
@@ -59,17 +61,14 @@ class Calibration:
 @torch.no_grad()
 def _aligned_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per exit: confidence, target log-likelihood and argmax of every token, all layers computed."""
-    exits = model.exits
-    ctx = model._context(x, None, None, None)
-    h = model.embed(x)
+    exits, heads = model.exits, model.exit_heads()
+    record = RecordExits(exits.exit_of_layer, model.stream.readout, previous=exits.spec.confidence == "cosine")
+    model.run(model.enter(x), model.context(x), policy=record)
     conf, ll, pred = [], [], []
-    for i, layer in enumerate(model.layers):
-        h_prev, h = h, layer(h, ctx.for_layer(i))
-        k = exits.exit_of_layer.get(i)
-        if k is None:
-            continue
-        logits = exits.exit_logits(k, h, model)
-        conf.append(confidence(exits.spec.confidence, logits, h, h_prev).flatten())
+    for k, r in enumerate(record.readouts):
+        logits = heads.logits(k, r)
+        r_prev = record.before[k] if record.before else r
+        conf.append(confidence(exits.spec.confidence, logits, r, r_prev).flatten())
         ll.append(target_log_likelihood(logits, y).flatten())
         pred.append(logits.argmax(dim=-1).flatten())
     return {"conf": torch.stack(conf[:-1]), "ll": torch.stack(ll), "pred": torch.stack(pred)}

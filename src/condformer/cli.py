@@ -158,7 +158,7 @@ def _load_for_inference(path: str, eval_routing: str | None = None, exit_thresho
 
         set_eval_routing(model, eval_routing)
     if exit_threshold is not None:
-        from condformer.routing.early_exit import set_exit_thresholds
+        from condformer.exits.heads import set_exit_thresholds
 
         set_exit_thresholds(model, parse_thresholds(exit_threshold))
     return ck, model, tok

@@ -53,7 +53,7 @@ class AltUpConfig:
 
     The state is K blocks of width d. Each layer predicts every block from all blocks (K x K scalars),
     runs the ordinary d-wide layer on one activated block, and corrects every block by K scalars times
-    the layer's innovation. See :mod:`condformer.routing.altup`.
+    the layer's innovation. See :mod:`condformer.streams.altup`.
 
     variant: ``standard`` (the embedding is K*d wide) or ``recycled`` (the d-wide embedding replicated K
         times; only K^2 + K scalars per layer are added).
@@ -105,7 +105,7 @@ class ExitConfig:
     """Depth-adaptive Transformer (Elbayad et al. 2020) with CALM's confidences and LayerSkip's training.
 
     Exit classifiers after chosen layers let a token stop early; the last layer's exit is the model's own
-    final norm and head. See :mod:`condformer.routing.early_exit`.
+    final norm and head. See :mod:`condformer.exits`.
 
     layers: 0-based indices of the layers followed by an exit (the last layer always is); null: every layer.
     head: ``shared`` (the LM head, with one norm per exit) or ``separate`` (one norm and head per exit).
@@ -188,9 +188,6 @@ class ExitConfig:
                               "module decides the depth: set thresholds to null or halting to 'none'")
         if n_exits < 2:
             raise ConfigError("exits need at least one exit before the last layer; list layers in exits.layers")
-        if model.altup is not None:
-            raise ConfigError("exits and altup cannot be combined yet: an exit would read one of AltUp's K blocks; "
-                              "drop one of them")
         if model.kind != "decoder":
             raise ConfigError("exits need a decoder (kind: decoder); early exit is a generation technique")
 

@@ -46,7 +46,7 @@ def layer_forward_flops(cfg: ModelConfig, layer_index: int, seq_len: int) -> int
     def block_flops(n_queries: int, n_keys: int) -> int:
         return block.flops(cfg, spec, n_queries, n_keys)
 
-    from condformer.routing.altup import altup_layer_flops
+    from condformer.streams.altup import altup_layer_flops
 
     return ROUTERS.get(spec.router).flops(cfg, spec, seq_len, block_flops) + altup_layer_flops(cfg, seq_len)
 
@@ -91,7 +91,7 @@ def count_flops(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> Flo
     forward = sum(per_layer) + head
     no_grad = 0  # forward work without a backward pass
     if cfg.exits is not None:
-        from condformer.routing.early_exit import EarlyExit
+        from condformer.exits.heads import EarlyExit
 
         if training and cfg.exits.training == "mixed":  # M passes: the layers and each token's own exit head
             n_exits = len(cfg.exits.exit_layers(cfg.n_layers))

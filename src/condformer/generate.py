@@ -108,7 +108,7 @@ def generate(
 
     ``on_tokens`` receives each step's sampled tokens (B,) as they are produced, for streaming.
     A model with early exits and thresholds (or a halting module) stops each token at its exit
-    (:class:`~condformer.routing.early_exit.ExitDecoder`). ``speculative=E``: self-speculative decoding,
+    (:class:`~condformer.exits.decoder.ExitDecoder`). ``speculative=E``: self-speculative decoding,
     drafting ``draft_tokens`` tokens at a time with the first E layers (:mod:`condformer.speculative`).
     ``stats``, when given, receives the run's exit depths or acceptance counts.
     """
@@ -127,7 +127,7 @@ def generate(
     exits = getattr(model, "exits", None)
     decoder = None
     if exits is not None and exits.policy() != "full":
-        from condformer.routing.early_exit import ExitDecoder
+        from condformer.exits.decoder import ExitDecoder
 
         decoder = ExitDecoder(model)
         last = decoder.prefill(tokens, positions, None if bool(valid.all()) else valid, cache)

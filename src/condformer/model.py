@@ -1,12 +1,21 @@
-"""The backbone: embed -> layers -> final norm -> head. Nothing here knows about any per-layer technique.
+"""The backbone: embed -> residual stream through the layers -> final norm -> head.
 
 Each layer is a router (from the registry) wrapped around a block (from the registry) whose FFN comes
 from the registry too; which ones is decided by the config's per-layer :class:`LayerSpec`.
+
+The layers are walked in exactly one place, :meth:`Transformer.run`. Two small protocols plug into it: the
+*residual stream* (:mod:`condformer.streams`: dense, or AltUp's K blocks) says what each layer reads and how
+its output merges back, and a *depth policy* (:mod:`condformer.exits.policies`) says which rows run a layer
+and which tokens keep its output. Everything that needs layers (the forward pass, exit training and
+decoding, self-speculative drafting and verification, calibration) calls ``run`` with a slice of layers
+and a policy, so every stream composes with every policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +24,17 @@ from torch import nn
 from condformer.cache import KVCache
 from condformer.config import ModelConfig
 from condformer.context import Context, Tally
+from condformer.exits.forward import exit_forward
+from condformer.exits.heads import EarlyExit, ExitHeads
+from condformer.exits.policies import FULL_DEPTH, DepthPolicy
 from condformer.layers.norms import make_norm
+from condformer.losses import IGNORE_INDEX, lm_loss
 from condformer.registry import BLOCKS, ROUTERS
-from condformer.routing.altup import AltUp
-from condformer.routing.early_exit import EarlyExit
+from condformer.streams.altup import AltUp
+from condformer.streams.base import DenseStream, ResidualStream
 
-IGNORE_INDEX = -100  # targets with this value (padding, unmasked MLM positions) carry no loss
+__all__ = ["IGNORE_INDEX", "Output", "Transformer", "build_model"]
+_DENSE = DenseStream()
 
 
 @dataclass
@@ -79,9 +93,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.layers = nn.ModuleList(build_layer(cfg, i) for i in range(cfg.n_layers))
-        # the one stream-level technique: AltUp keeps K d-wide blocks around the same layers
+        # the residual stream: AltUp's K d-wide blocks around the same layers, or the dense stream (no weights)
         self.altup = AltUp(cfg) if cfg.altup is not None else None
-        # depth-adaptive: exit heads after chosen layers and the exit-aware layer loop
+        # depth-adaptive: exit heads after chosen layers, consulted through depth policies of the layer loop
         self.exits = EarlyExit(cfg) if cfg.exits is not None else None
         self.final_norm = make_norm(cfg.norm, cfg.head_in_dim, cfg.norm_eps)
         self.mlm_head = MLMHead(cfg) if cfg.kind == "encoder" else None
@@ -90,6 +104,72 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    # -- the model surface every tool uses ----------------------------------------------------------
+    @property
+    def stream(self) -> ResidualStream:
+        """The residual stream the layers run in (AltUp's, or the dense one)."""
+        return _DENSE if self.altup is None else self.altup
+
+    def context(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
+                valid_BT: torch.Tensor | None = None, cache: KVCache | None = None, *,
+                trace: bool = False) -> Context:
+        """The per-forward context of ``tokens_BT``: positions (default 0..T-1), padding, cache, a fresh tally."""
+        B, T = tokens_BT.shape
+        if cache is not None and not self.cfg.causal:
+            raise ValueError("a KV cache needs a causal decoder; encoders attend to later tokens")
+        contiguous = positions_BT is None
+        if positions_BT is None:
+            if self.cfg.max_seq_len < T:
+                raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+        return Context(positions_BT=positions_BT, causal=self.cfg.causal, tally=Tally(tracing=trace),
+                       valid_BT=valid_BT, cache=cache, contiguous=contiguous, tokens_BT=tokens_BT)
+
+    _context = context  # the name tools used before the context builder was public
+
+    def enter(self, tokens_BT: torch.Tensor) -> Any:
+        """The embedded tokens as the residual stream's initial state."""
+        return self.stream.enter(self.embed(tokens_BT))
+
+    def run(self, state: Any, ctx: Context, layers: Iterable[int] | None = None,
+            policy: DepthPolicy = FULL_DEPTH) -> Any:
+        """Walk ``layers`` (default: all, in order) on the stream ``state``; the one layer loop of the library.
+
+        Before each layer the policy may pick the rows that run it (the others keep their state); after it,
+        the policy picks the state to continue with (per token) and may stop the walk (``policy.done``).
+        """
+        stream = self.stream
+        for i in range(len(self.layers)) if layers is None else layers:
+            lctx = ctx.for_layer(i)
+            policy.before_layer(i, state, lctx)
+            idx_B = policy.rows(i, state, lctx)
+            if idx_B is None:
+                new = stream.step(i, state, self.layers[i], lctx)
+            else:  # only the kept rows are computed; the others keep their state
+                part = stream.step(i, stream.take_rows(state, idx_B), self.layers[i], lctx.rows(idx_B))
+                new = stream.put_rows(state, idx_B, part)
+            state = policy.after_layer(i, state, new, lctx)
+            if policy.done:
+                break
+        return state
+
+    def readout(self, state: Any) -> torch.Tensor:
+        """What the final norm and the head (and every exit) read from a stream state: (B, T, head width)."""
+        return self.stream.readout(state)
+
+    def logits(self, readout_BTW: torch.Tensor) -> torch.Tensor:
+        """The model's own head on a readout: final norm, (encoders) the MLM transform, vocabulary projection."""
+        h = self.final_norm(readout_BTW)
+        if self.mlm_head is not None:
+            h = self.mlm_head(h)
+        return self.head(h)
+
+    def exit_heads(self) -> ExitHeads:
+        """The exits' heads with the model's final norm and head as the last exit (a model with exits)."""
+        if self.exits is None:
+            raise ValueError("this model has no exits (ModelConfig.exits)")
+        return ExitHeads(self.exits, self.final_norm, self.head)
 
     def forward(
         self,
@@ -107,44 +187,18 @@ class Transformer(nn.Module):
         ``trace=True`` also returns per-token traces (routing decisions, ...) in ``Output.traces``.
         ``exit_depth_BT`` (models with exits): the number of layers each token computes, fixed by the caller.
         """
-        ctx = self._context(tokens_BT, positions_BT, valid_BT, cache)
-        ctx.tally.tracing = trace
-        h = self.embed(tokens_BT)
+        ctx = self.context(tokens_BT, positions_BT, valid_BT, cache, trace=trace)
+        state = self.enter(tokens_BT)
+        tally = ctx.tally
         if self.exits is not None:
-            r = self.exits(self, h, ctx, targets_BT, exit_depth_BT)
-            tally = ctx.tally
+            r = exit_forward(self, state, ctx, targets_BT, exit_depth_BT)
             return Output(r.logits, r.loss, tally.total(r.logits), dict(tally.losses), dict(tally.stats),
                           dict(tally.traces), r.objective)
         if exit_depth_BT is not None:
             raise ValueError("exit_depth_BT needs a model with exits (ModelConfig.exits)")
-        if self.altup is not None:
-            h = self.altup(h, self.layers, ctx)
-        else:
-            for i, layer in enumerate(self.layers):
-                h = layer(h, ctx.for_layer(i))
-        h = self.final_norm(h)
-        if self.mlm_head is not None:
-            h = self.mlm_head(h)
-        logits = self.head(h)
-        loss = None
-        if targets_BT is not None:
-            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; float64 kept
-            loss = F.cross_entropy(wide.flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
-        tally = ctx.tally
-        return Output(logits, loss, tally.total(h), dict(tally.losses), dict(tally.stats), dict(tally.traces))
-
-    def _context(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor | None,
-                 valid_BT: torch.Tensor | None, cache: KVCache | None) -> Context:
-        B, T = tokens_BT.shape
-        if cache is not None and not self.cfg.causal:
-            raise ValueError("a KV cache needs a causal decoder; encoders attend to later tokens")
-        contiguous = positions_BT is None
-        if positions_BT is None:
-            if self.cfg.max_seq_len < T:
-                raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
-            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
-        return Context(positions_BT=positions_BT, causal=self.cfg.causal, tally=Tally(), valid_BT=valid_BT,
-                       cache=cache, contiguous=contiguous, tokens_BT=tokens_BT)
+        logits = self.logits(self.readout(self.run(state, ctx)))
+        return Output(logits, lm_loss(logits, targets_BT), tally.total(logits), dict(tally.losses),
+                      dict(tally.stats), dict(tally.traces))
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -130,14 +130,13 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
         return new
     pos = T  # the position of ``tok``, the newest token not yet in the cache
 
-    def lower(token: int, p: int) -> torch.Tensor:
-        """One token through the first E layers (its keys and values cached there); its state (1, 1, d)."""
+    stream, heads = model.stream, model.exit_heads()
+
+    def lower(token: int, p: int) -> object:
+        """One token through the first E layers (its keys and values cached there); its stream state."""
         t = torch.tensor([[token]], dtype=torch.long, device=device)
-        ctx = model._context(t, torch.tensor([[p]], device=device), None, cache)
-        h = model.embed(t)
-        for m in range(E):
-            h = model.layers[m](h, ctx.for_layer(m))
-        return h
+        ctx = model.context(t, torch.tensor([[p]], device=device), None, cache)
+        return model.run(model.enter(t), ctx, layers=range(E))
 
     while True:
         K = min(draft_tokens, cfg.max_new_tokens - len(new) - 1)  # more drafts than tokens left is waste
@@ -146,16 +145,14 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
         for j in range(K):
             h = lower(cur, pos + j)
             states.append(h)
-            cur, q = _pick(exits.exit_logits(k_draft, h, model)[:, -1], cfg, generator)
+            cur, q = _pick(heads.logits(k_draft, stream.readout(h))[:, -1], cfg, generator)
             drafts.append(cur)
             qs.append(q)
         states.append(lower(cur, pos + K))
-        H = torch.cat(states, dim=1)
         positions = torch.arange(pos, pos + K + 1, device=device)[None]
-        ctx = model._context(torch.tensor([[tok, *drafts]], device=device), positions, None, cache)
-        for m in range(E, N):
-            H = model.layers[m](H, ctx.for_layer(m))
-        full = exits.exit_logits(exits.n_exits - 1, H, model)[0]  # (K + 1, V)
+        ctx = model.context(torch.tensor([[tok, *drafts]], device=device), positions, None, cache)
+        H = model.run(stream.cat_time(states), ctx, layers=range(E, N))  # verify: the remaining layers at once
+        full = heads.logits(exits.last, stream.readout(H))[0]  # (K + 1, V)
         if cfg.greedy:
             target = full.float().argmax(dim=-1).tolist()
             j = 0

@@ -309,7 +309,6 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
     """Build a model with the bench seed (so A and B start from the same RNG state) and its op."""
     from condformer.generate import SamplingConfig, generate
     from condformer.optim import make_optimizer
-    from condformer.routing.mod import set_eval_routing
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
@@ -319,7 +318,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
         load_weights(read_checkpoint(checkpoint), model)
     model = model.to(device)
     # forward: the requested routing; generate: always the causal decisions (top-k cannot decode)
-    set_eval_routing(model, cfg.eval_routing if cfg.mode == "forward" else "causal")
+    model.set_inference(routing=cfg.eval_routing if cfg.mode == "forward" else "causal", missing="ignore")
     x, y = tokens.to(device), targets.to(device)
     dtype = cfg.dtype
     opt: torch.optim.Optimizer | None = None
@@ -350,14 +349,12 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
         sampling = SamplingConfig(max_new_tokens=cfg.new_tokens, greedy=True)
         speculative = None if baseline else cfg.speculative
         if getattr(model, "exits", None) is not None and model.exits.halting is None:
-            from condformer.exits.heads import set_exit_thresholds
-
             if baseline:
                 # full depth through the same early-exit decoder with every exit switched off: the ratio then
                 # measures exiting (and its checks) alone, whatever the two decode paths' own overheads
-                set_exit_thresholds(model, [None] * (model.exits.n_exits - 1))
+                model.set_inference(exit_thresholds=[None] * (model.exits.n_exits - 1))
             elif cfg.exit_threshold is not None:
-                set_exit_thresholds(model, cfg.exit_threshold)
+                model.set_inference(exit_thresholds=cfg.exit_threshold)
 
         def step(stats: dict | None = None) -> None:
             with _autocast(dtype, device):

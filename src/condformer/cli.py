@@ -154,13 +154,12 @@ def _load_for_inference(path: str, eval_routing: str | None = None, exit_thresho
 
     ck, model, tok = load_for_inference(path)
     if eval_routing:
-        from condformer.routing.mod import set_eval_routing
-
-        set_eval_routing(model, eval_routing)
+        model.set_inference(routing=eval_routing, missing="ignore")
     if exit_threshold is not None:
-        from condformer.exits.heads import set_exit_thresholds
-
-        set_exit_thresholds(model, parse_thresholds(exit_threshold))
+        if "exit_thresholds" not in model.inference_settings():
+            raise CondformerError("this model has no early exits; train an exit preset (e.g. tiny-exit) to use "
+                                  "--exit-threshold")
+        model.set_inference(exit_thresholds=parse_thresholds(exit_threshold))
     return ck, model, tok
 
 

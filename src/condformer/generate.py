@@ -124,12 +124,8 @@ def generate(
     was_training = model.training
     model.eval()
     cache = KVCache.for_model(model, B, T + cfg.max_new_tokens)
-    exits = getattr(model, "exits", None)
-    decoder = None
-    if exits is not None and exits.policy() != "full":
-        from condformer.exits.decoder import ExitDecoder
-
-        decoder = ExitDecoder(model)
+    decoder = model.adaptive_decoder()  # early exits with thresholds or halting: each token stops at its exit
+    if decoder is not None:
         last = decoder.prefill(tokens, positions, None if bool(valid.all()) else valid, cache)
     else:
         out = model(tokens, positions_BT=positions, valid_BT=None if bool(valid.all()) else valid, cache=cache)

@@ -171,6 +171,50 @@ class Transformer(nn.Module):
             raise ValueError("this model has no exits (ModelConfig.exits)")
         return ExitHeads(self.exits, self.final_norm, self.head)
 
+    # -- inference knobs, asked of the components that declare them -------------------------------------
+    def inference_settings(self) -> dict[str, Any]:
+        """Every run-time inference knob this model's components declare, with its current value.
+
+        A component declares knobs with an ``inference_knobs`` tuple of names and implements
+        ``get_inference(name)`` / ``set_inference(name, value)``; e.g. MoD layers ``routing`` ("causal" or
+        "topk"), exits ``exit_thresholds``. Tools (bench, compare, the CLI) go through this, never a technique.
+        """
+        found: dict[str, Any] = {}
+        for m in self.modules():
+            for name in getattr(m, "inference_knobs", ()):
+                found.setdefault(name, m.get_inference(name))
+        return found
+
+    def set_inference(self, *, missing: str = "error", **settings: Any) -> None:
+        """Set inference knobs by name on every component that declares them (see :meth:`inference_settings`).
+
+        ``missing="error"``: a knob no component of this model has is a one-line error naming the knobs it has;
+        ``"ignore"``: skipped (a tool applying one setting to many models).
+        """
+        owners: dict[str, list[nn.Module]] = {}
+        for m in self.modules():
+            for name in getattr(m, "inference_knobs", ()):
+                owners.setdefault(name, []).append(m)
+        for name, value in settings.items():
+            if name not in owners:
+                if missing == "ignore":
+                    continue
+                from condformer.errors import CondformerError
+
+                have = ", ".join(sorted(owners)) or "none"
+                raise CondformerError(f"this model has no component with the inference setting '{name}' "
+                                      f"(its settings: {have})")
+            for m in owners[name]:
+                m.set_inference(name, value)
+
+    def adaptive_decoder(self) -> Any:
+        """A cached decoder that stops each token at its exit, or None when this model decodes at full depth."""
+        if self.exits is None or self.exits.policy() == "full":
+            return None
+        from condformer.exits.decoder import ExitDecoder
+
+        return ExitDecoder(self)
+
     def forward(
         self,
         tokens_BT: torch.Tensor,

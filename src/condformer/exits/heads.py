@@ -36,6 +36,8 @@ the residual stream's readout, so they compose with AltUp as with the dense stre
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -183,6 +185,14 @@ class EarlyExit(nn.Module):
 
 
 
+    inference_knobs = ("exit_thresholds",)
+
+    def get_inference(self, name: str) -> Any:
+        return None if self.thresholds is None else list(self.thresholds)
+
+    def set_inference(self, name: str, value: Any) -> None:
+        self.set_thresholds(value)
+
     def set_thresholds(self, thresholds: float | list[float] | None) -> None:
         """Override the confidence thresholds (a scalar applies to every exit; None: full depth)."""
         if self.halting is not None and thresholds is not None:
@@ -240,4 +250,4 @@ def set_exit_thresholds(model: nn.Module, thresholds: float | list[float] | None
     if exits is None:
         raise CondformerError("this model has no early exits; train an exit preset (e.g. tiny-exit) to use "
                               "--exit-threshold")
-    exits.set_thresholds(thresholds)
+    model.set_inference(exit_thresholds=thresholds)

@@ -38,6 +38,7 @@ from torch import nn
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.errors import ConfigError
+from condformer.refusals import refuse
 from condformer.registry import ROUTERS
 
 WEIGHTINGS = ("sigmoid", "raw")
@@ -81,6 +82,18 @@ class MoDRouter(nn.Module):
 
     options: tuple[str, ...] = tuple(DEFAULTS)
 
+    inference_knobs = ("routing",)
+
+    def get_inference(self, name: str) -> str:
+        return self.eval_routing
+
+    def set_inference(self, name: str, mode: str) -> None:
+        if mode not in EVAL_ROUTINGS:
+            raise ConfigError(f"unknown eval_routing {mode!r}; choose one of: {', '.join(EVAL_ROUTINGS)}")
+        if mode == "causal" and self.causal_router == "none":
+            raise ConfigError(f"MoD layer {self.layer_index} has no causal router; it can only route by top-k")
+        self.eval_routing = mode
+
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int, block: nn.Module) -> None:
         super().__init__()
         self.block = block
@@ -123,9 +136,7 @@ class MoDRouter(nn.Module):
         r_BT = self.router_logits(x_BTD)
         if self.use_topk():
             if ctx.kv is not None:
-                raise ConfigError(
-                    f"MoD layer {self.layer_index} routes by top-k, which is not causal and cannot decode with a "
-                    f"KV cache; use eval mode with eval_routing='causal' and a causal_router ('predictor' or 'aux')")
+                raise refuse("mod_topk_cached", where=f"MoD layer {self.layer_index}")
             return self._forward_topk(x_BTD, r_BT, ctx)
         return self._forward_causal(x_BTD, r_BT, ctx)
 
@@ -190,8 +201,7 @@ class MoDRouter(nn.Module):
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
         """Keys and values of the tokens the causal decisions route, computed from ``x`` (exited tokens)."""
         if self.use_topk():
-            raise ConfigError(f"MoD layer {self.layer_index} routes by top-k, which cannot decode with a KV cache; "
-                              f"use eval_routing='causal'")
+            raise refuse("mod_topk_cached", where=f"MoD layer {self.layer_index}")
         chosen = self._causal_selection(x_BTD, self.router_logits(x_BTD), ctx, record=False)
         if chosen is not None:
             idx_BK, _, sub = chosen
@@ -247,8 +257,7 @@ class MoDRouter(nn.Module):
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
             raise ConfigError(f"layers[{i}]: predictor_hidden must be a positive integer or null, got {h!r}")
         if _opt(spec, "causal_router") == "none" and _opt(spec, "eval_routing") == "causal":
-            raise ConfigError(f"layers[{i}]: eval_routing 'causal' needs a causal_router ('predictor' or 'aux'); "
-                              f"set one, or eval_routing='topk' (not causal: no generation)")
+            raise refuse("mod_causal_without_router", where=f"layers[{i}]")
 
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, seq_len: int, block_flops) -> int:
@@ -263,11 +272,7 @@ class MoDRouter(nn.Module):
 
 
 def set_eval_routing(model: nn.Module, mode: str) -> None:
-    """Switch every MoD layer of ``model`` to ``"causal"`` or ``"topk"`` routing in eval mode."""
+    """Switch every MoD layer of ``model`` to ``"causal"`` or ``"topk"`` routing in eval mode (none: no-op)."""
     if mode not in EVAL_ROUTINGS:
         raise ConfigError(f"unknown eval_routing {mode!r}; choose one of: {', '.join(EVAL_ROUTINGS)}")
-    for m in model.modules():
-        if isinstance(m, MoDRouter):
-            if mode == "causal" and m.causal_router == "none":
-                raise ConfigError(f"MoD layer {m.layer_index} has no causal router; it can only route by top-k")
-            m.eval_routing = mode
+    model.set_inference(routing=mode, missing="ignore")

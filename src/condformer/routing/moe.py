@@ -30,6 +30,7 @@ from torch import nn
 
 from condformer.config import LayerSpec, ModelConfig
 from condformer.errors import ConfigError
+from condformer.refusals import refuse
 from condformer.registry import FFNS
 from condformer.routing import moe_dispatch as dispatch
 from condformer.routing import moe_losses as losses
@@ -133,9 +134,7 @@ class MoEFFN(nn.Module):
         B, T, D = x_BTD.shape
         if ctx.kv is not None and (self.kind == "expert_choice" or self.granularity == "sequence"
                                    or (ctx.causal and self.eval_capacity_factor is not None)):
-            raise ConfigError(f"MoE layer {self.layer_index}: {self._noncausal_what()} is not causal and cannot "
-                              f"decode with a KV cache; use a token-choice router (topk, switch, hash, ...) "
-                              f"with dropless evaluation (eval_capacity_factor null)")
+            raise refuse("moe_noncausal_cached", where=f"MoE layer {self.layer_index}", what=self._noncausal_what())
         if self.kind == "expert_choice":
             y = self._expert_choice(x_BTD, ctx)
         elif self.kind == "soft":
@@ -365,16 +364,11 @@ class MoEFFN(nn.Module):
                               f"(topk, switch, noisy_topk, lsh), not '{kind}'")
         if cfg.causal and not is_causal_routing(spec) and not _opt(spec, "allow_noncausal"):
             what = "expert_choice routing" if kind == "expert_choice" else "granularity 'sequence'"
-            raise ConfigError(f"{where}: {what} is not causal (a token's experts depend on later tokens), so it "
-                              f"leaks the future in a decoder; use it in an encoder, or set allow_noncausal: true "
-                              f"(no KV-cached generation)")
+            raise refuse("moe_noncausal_in_decoder", where=where, what=what)
         if cfg.causal and _opt(spec, "eval_capacity_factor") is not None and not _opt(spec, "allow_noncausal"):
             # capacity is shared by the whole batch and filled choice-major: a later token's first choice can
             # take the slot of an earlier token's second, so evaluation would see the future
-            raise ConfigError(f"{where}: eval_capacity_factor drops tokens by a priority over the whole batch, "
-                              f"so in a decoder a token's output depends on later tokens; leave it null "
-                              f"(dropless evaluation, the default), or set allow_noncausal: true (no KV-cached "
-                              f"generation)")
+            raise refuse("moe_eval_capacity_in_decoder", where=where)
 
     @staticmethod
     def eval_spec(spec: LayerSpec) -> LayerSpec:

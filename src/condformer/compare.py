@@ -354,7 +354,7 @@ def _analyse(cfg: StudyConfig, name: str, out: Path) -> dict[str, Any]:
 
     from condformer.checkpoint import load_for_inference
     from condformer.data import prepare_data
-    from condformer.inspection import altup_coefficients, inspect_routing
+    from condformer.inspection import inspect_routing
 
     ck, model, _ = load_for_inference(run_dir(out, name, 0))
     tcfg = ck.train_cfg
@@ -392,7 +392,7 @@ def _analyse(cfg: StudyConfig, name: str, out: Path) -> dict[str, Any]:
         if classes is not None:
             entry["per_class"] = _per_class(computed, classes)
         layers.append(entry)
-    result: dict[str, Any] = {"layers": layers, "altup": altup_coefficients(o.stats)}
+    result: dict[str, Any] = {"layers": layers, "altup": model.stream.report(o.stats)}
     if any(e["trace"].endswith(("_routed", "_computed")) for e in layers):  # a heatmap of a short validation text
         result["heatmap"] = inspect_routing(model, tok, tok.decode(x[0, :HEATMAP_TOKENS].tolist()))
     if classes is not None:

@@ -46,9 +46,10 @@ def layer_forward_flops(cfg: ModelConfig, layer_index: int, seq_len: int) -> int
     def block_flops(n_queries: int, n_keys: int) -> int:
         return block.flops(cfg, spec, n_queries, n_keys)
 
-    from condformer.streams.altup import altup_layer_flops
+    from condformer.streams import stream_type
 
-    return ROUTERS.get(spec.router).flops(cfg, spec, seq_len, block_flops) + altup_layer_flops(cfg, seq_len)
+    # the router decides how many tokens its block sees; the residual stream adds its own per-layer work
+    return ROUTERS.get(spec.router).flops(cfg, spec, seq_len, block_flops) + stream_type(cfg).layer_flops(cfg, seq_len)
 
 
 def head_forward_flops(cfg: ModelConfig, seq_len: int) -> int:

@@ -78,7 +78,7 @@ def inspect_routing(model: nn.Module, tokenizer: Tokenizer, text: str) -> dict[s
       ``{"layer": L, "name": "moe_expert", "ids": [[id or -1 per choice] per token], "counts": [per id],
       "shares": counts over all choices, "none_frac": share of choices that visited nothing}``;
     * ``altup``: for an AltUp model, each layer's prediction matrix and correction gains (see
-      :func:`altup_coefficients`); empty otherwise;
+      the stream's ``report``, :meth:`condformer.streams.altup.AltUp.report`); empty otherwise;
     * ``notes``: remarks such as truncation to the model's ``max_seq_len``.
 
     The model's train/eval mode is restored afterwards, so inspecting mid-training changes nothing.
@@ -142,7 +142,7 @@ def inspect_routing(model: nn.Module, tokenizer: Tokenizer, text: str) -> dict[s
                  "histogram": [depths.count(d) for d in range(1, n_layers + 1)]}
     return {
         "exits": exits,
-        "altup": altup_coefficients(out.stats),
+        "altup": model.stream.report(out.stats),
         "model": getattr(cfg, "name", type(model).__name__),
         "n_layers": n_layers,
         "routers": _layer_routers(model, n_layers),
@@ -154,33 +154,6 @@ def inspect_routing(model: nn.Module, tokenizer: Tokenizer, text: str) -> dict[s
         "assignments": assignments,
         "notes": notes,
     }
-
-
-def altup_coefficients(stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """AltUp's learned coefficients per layer from a forward pass's statistics.
-
-    ``[{"layer": L, "p": K x K prediction matrix (row i predicts block i), "g": K correction gains}]``;
-    for Gemma-style coefficients these are the means over the text's tokens.
-    """
-    found: dict[int, dict[str, dict]] = {}
-    for key, value in stats.items():
-        prefix, _, name = key.partition("/")
-        if not (prefix.startswith("layer") and prefix[5:].isdigit() and name.startswith("altup_")):
-            continue
-        entry = found.setdefault(int(prefix[5:]), {"p": {}, "g": {}})
-        v = float(value)
-        if name.startswith("altup_g"):
-            entry["g"][int(name[len("altup_g"):])] = v
-        elif name.startswith("altup_p"):
-            a, b = name[len("altup_p"):].split("_")
-            entry["p"][(int(a), int(b))] = v
-    result = []
-    for layer in sorted(found):
-        g, p = found[layer]["g"], found[layer]["p"]
-        k = len(g)
-        result.append({"layer": layer, "p": [[p[(a, b)] for b in range(k)] for a in range(k)],
-                       "g": [g[a] for a in range(k)]})
-    return result
 
 
 def token_label(token: str) -> str:

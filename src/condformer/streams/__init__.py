@@ -5,6 +5,16 @@ K d-wide blocks around the same d-wide layers. The model's one layer loop only t
 every depth policy (early exits, layer dropout, speculation) works on every stream.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+from condformer.streams.altup import AltUp
 from condformer.streams.base import DenseStream, ResidualStream
 
-__all__ = ["DenseStream", "ResidualStream"]
+__all__ = ["AltUp", "DenseStream", "ResidualStream", "stream_type"]
+
+
+def stream_type(cfg: Any) -> type[ResidualStream]:
+    """The residual stream a config's model runs in (for what is asked of it without a model, e.g. FLOPs)."""
+    return AltUp if cfg.altup is not None else DenseStream

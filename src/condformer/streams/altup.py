@@ -28,6 +28,8 @@ the (fp32) residual stream to bf16 at every layer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -203,6 +205,33 @@ class AltUp(ResidualStream, nn.Module):
     @staticmethod
     def layer_flops(cfg: ModelConfig, seq_len: int) -> int:
         return altup_layer_flops(cfg, seq_len)
+
+    @staticmethod
+    def report(stats: dict[str, Any]) -> list[dict[str, Any]]:
+        """AltUp's learned coefficients per layer from a forward pass's statistics.
+
+        ``[{"layer": L, "p": K x K prediction matrix (row i predicts block i), "g": K correction gains}]``;
+        for Gemma-style coefficients these are the means over the text's tokens.
+        """
+        found: dict[int, dict[str, dict]] = {}
+        for key, value in stats.items():
+            prefix, _, name = key.partition("/")
+            if not (prefix.startswith("layer") and prefix[5:].isdigit() and name.startswith("altup_")):
+                continue
+            entry = found.setdefault(int(prefix[5:]), {"p": {}, "g": {}})
+            v = float(value)
+            if name.startswith("altup_g"):
+                entry["g"][int(name[len("altup_g"):])] = v
+            elif name.startswith("altup_p"):
+                a, b = name[len("altup_p"):].split("_")
+                entry["p"][(int(a), int(b))] = v
+        result = []
+        for layer in sorted(found):
+            g, p = found[layer]["g"], found[layer]["p"]
+            k = len(g)
+            result.append({"layer": layer, "p": [[p[(a, b)] for b in range(k)] for a in range(k)],
+                           "g": [g[a] for a in range(k)]})
+        return result
 
 
 def altup_layer_flops(cfg: ModelConfig, seq_len: int) -> int:

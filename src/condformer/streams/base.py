@@ -65,6 +65,11 @@ class ResidualStream:
         return state.shape[self.batch_dim]
 
     @staticmethod
+    def report(stats: dict[str, Any]) -> list[dict[str, Any]]:
+        """What ``condformer inspect`` shows of the stream, from a forward pass's statistics (dense: nothing)."""
+        return []
+
+    @staticmethod
     def layer_flops(cfg: Any, seq_len: int) -> int:
         """Forward FLOPs the stream adds to one layer for one sequence (dense: none)."""
         return 0

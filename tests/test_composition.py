@@ -222,3 +222,35 @@ def test_altup_exited_tokens_keys_and_values_come_from_their_propagated_blocks(s
         _median_thresholds(model, x)
         _greedy_checked(model, x[0, :4].tolist(), 10)
     assert sum(1 for n in flushed if n > 0) >= 3, flushed  # the lazy path really ran
+
+
+# A sample of the grid under torch.compile(fullgraph=True): every value of every axis appears at least once, and
+# AltUp + exits (aligned training of every exit) twice. A graph break anywhere in the one layer loop (a stream's
+# enter/merge/readout, a depth policy's hooks, a router) fails here.
+COMPILED = [("preln", "mod", "moe", "altup", "confidence"), ("parallel", "dense", "mlp", "raltup", "confidence"),
+            ("sas", "mod", "mlp", "plain", "none"), ("sasp", "dense", "moe", "raltup", "none")]
+
+
+def test_compiled_sample_covers_every_axis_value():
+    for axis, values in enumerate(AXES):
+        assert {c[axis] for c in COMPILED} == set(values), axis
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("combo", COMPILED, ids=["-".join(c) for c in COMPILED])
+def test_sampled_combinations_compile_fullgraph(combo):
+    torch._dynamo.reset()
+    model = _perturbed(_config(*combo)).float().train()
+    x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = torch.compile(model, fullgraph=True)(x, x)
+    out.train_loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    ref = model(x, x)
+    ref.train_loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.train_loss, ref.train_loss, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)

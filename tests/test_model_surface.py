@@ -87,10 +87,14 @@ def test_a_knob_no_component_has_is_a_one_line_error_unless_ignored():
     model.set_inference(routing="topk", missing="ignore")  # nothing to set, nothing raised
 
 
+FIRED: set[str] = set()  # the table's keys the tests below have seen raised
+
+
 def _raises_table_text(fn, key: str, **details) -> None:
     with pytest.raises(ConfigError) as err:
         fn()
     assert str(err.value) == REFUSED[key].format(**details)
+    FIRED.add(key)
 
 
 def test_refusals_come_from_the_table():
@@ -109,6 +113,33 @@ def test_refusals_come_from_the_table():
     cache = KVCache.for_model(model, 1, 8)
     _raises_table_text(lambda: model(torch.zeros(1, 3, dtype=torch.long), cache=cache), "mod_topk_cached",
                        where="MoD layer 0")
+    ec_allowed = LayerSpec(ffn="moe", options={"moe_router": "expert_choice", "allow_noncausal": True})
+    model = build_model(_cfg(layers=[ec_allowed])).eval()
+    cache = KVCache.for_model(model, 1, 8)
+    _raises_table_text(lambda: model(torch.zeros(1, 3, dtype=torch.long), cache=cache), "moe_noncausal_cached",
+                       where="MoE layer 0", what="expert_choice routing")
+
+
+def test_config_refusals_come_from_the_table():
+    """The exits and AltUp sections refuse with the table's text too."""
+    _raises_table_text(_cfg(kind="encoder", exits=ExitConfig()).validate, "exits_in_encoder")
+    _raises_table_text(_cfg(exits=ExitConfig(halting="token", training="mixed")).validate,
+                       "halting_with_mixed_training")
+    _raises_table_text(_cfg(exits=ExitConfig(halting="token", thresholds=[0.5] * 3)).validate,
+                       "thresholds_with_halting")
+    _raises_table_text(_cfg(altup=AltUpConfig(variant="recycled", output="concat")).validate,
+                       "altup_concat_recycled")
+    _raises_table_text(_cfg(altup=AltUpConfig(output="mean")).validate, "altup_tied_narrow_head", output="mean")
+    # what the reasons point to instead builds
+    build_model(_cfg(altup=AltUpConfig(output="mean"), tie_embeddings=False))
+    build_model(_cfg(altup=AltUpConfig(variant="recycled", output="sum"), exits=ExitConfig(training="mixed")))
+
+
+def test_every_refusal_of_the_table_is_raised_by_a_test():
+    """A refusal nobody raises is dead text; one raised with other words would fail the tests above."""
+    test_refusals_come_from_the_table()
+    test_config_refusals_come_from_the_table()
+    assert set(REFUSED) == FIRED
 
 
 def test_every_reason_is_one_line():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from condformer.errors import ConfigError
+from condformer.refusals import refuse
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("gelu", "swiglu")
@@ -93,11 +94,9 @@ class AltUpConfig:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
             raise ConfigError(f"altup.coef_clip must be > 0 or null (no clipping), got {self.coef_clip}")
         if self.variant == "recycled" and self.output == "concat":
-            raise ConfigError("altup.output 'concat' needs variant 'standard' (a recycled embedding is d wide); "
-                              "use output 'mean' or 'sum'")
+            raise refuse("altup_concat_recycled")
         if self.variant == "standard" and self.reduction != "concat" and model.tie_embeddings:
-            raise ConfigError(f"altup.output '{self.output}' gives a d-wide head that cannot be tied to the K*d-wide "
-                              "standard embedding; set tie_embeddings=false or use output 'concat'")
+            raise refuse("altup_tied_narrow_head", output=self.output)
 
 
 @dataclass
@@ -181,15 +180,13 @@ class ExitConfig:
                 raise ConfigError(f"exits.thresholds must be {n_exits - 1} numbers or nulls (one per exit before the "
                                   f"last layer; null: that exit off) or null for full depth, got {t}")
         if self.halting != "none" and self.training == "mixed":
-            raise ConfigError("a halting module needs exits.training 'aligned': its oracle compares every exit's "
-                              "likelihood of each token, which mixed training does not compute")
+            raise refuse("halting_with_mixed_training")
         if self.halting != "none" and self.thresholds is not None:
-            raise ConfigError("exits.thresholds are for confidence exits; with exits.halting set, the halting "
-                              "module decides the depth: set thresholds to null or halting to 'none'")
+            raise refuse("thresholds_with_halting")
         if n_exits < 2:
             raise ConfigError("exits need at least one exit before the last layer; list layers in exits.layers")
         if model.kind != "decoder":
-            raise ConfigError("exits need a decoder (kind: decoder); early exit is a generation technique")
+            raise refuse("exits_in_encoder")
 
 
 ALTUP_VARIANTS = ("standard", "recycled")

@@ -19,7 +19,7 @@ import torch
 from condformer.calibrate import calibrate
 from condformer.config import AltUpConfig, ExitConfig, LayerSpec, ModelConfig
 from condformer.exits.halting import confidence
-from condformer.generate import SamplingConfig, generate
+from condformer.generation import SamplingConfig, generate
 from condformer.model import build_model
 from condformer.registry import BLOCKS, FFNS, ROUTERS
 from helpers import naive_greedy
@@ -205,7 +205,7 @@ def test_altup_exits_never_see_later_tokens(exit_kw):
 def test_altup_exited_tokens_keys_and_values_come_from_their_propagated_blocks(stream, monkeypatch):
     """Tokens that exit below a layer get their keys and values there later, from the K propagated blocks
     (``flush``: the layer reads them through the stream); decoding must still equal the reference."""
-    from condformer.exits.decoder import ExitDecoder
+    from condformer.generation.exit_decoder import ExitDecoder
 
     flushed = []
     real = ExitDecoder.flush

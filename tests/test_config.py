@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from condformer.config import LayerSpec, ModelConfig, TrainConfig, every_other, load_config_file, save_config_file
+from condformer.config import LayerSpec, ModelConfig, TrainConfig, every_other
+from condformer.config_files import load_config_file, save_config_file
 from condformer.errors import ConfigError
 from condformer.model import build_model
 from condformer.presets import preset

@@ -16,10 +16,10 @@ from condformer.cache import KVCache
 from condformer.config import ExitConfig, LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.errors import CondformerError
-from condformer.exits.decoder import ExitDecoder
 from condformer.exits.halting import confidence
 from condformer.exits.heads import ExitHeads, set_exit_thresholds
-from condformer.generate import SamplingConfig, generate, left_pad
+from condformer.generation import SamplingConfig, generate, left_pad
+from condformer.generation.exit_decoder import ExitDecoder
 from condformer.model import build_layer, build_model
 from helpers import naive_greedy, one_line_error
 

@@ -9,7 +9,7 @@ import torch
 
 from condformer.cache import KVCache
 from condformer.errors import CondformerError
-from condformer.generate import SamplingConfig, generate, left_pad, sample_next
+from condformer.generation import SamplingConfig, generate, left_pad, sample_next
 from condformer.model import build_model
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from condformer.checkpoint import load_for_inference
-from condformer.generate import SamplingConfig, generate
+from condformer.generation import SamplingConfig, generate
 from condformer.routing.early_exit import set_exit_thresholds
 from condformer.routing.mod import set_eval_routing
 

@@ -17,9 +17,9 @@ from torch import nn
 from condformer.cache import KVCache, LayerKV
 from condformer.config import ExitConfig, LayerSpec, ModelConfig
 from condformer.errors import CondformerError
-from condformer.generate import SamplingConfig, generate
+from condformer.generation import SamplingConfig, generate
+from condformer.generation.speculative import accept_sampled
 from condformer.model import build_model
-from condformer.speculative import accept_sampled
 from helpers import naive_greedy, one_line_error
 
 L = 4

@@ -60,7 +60,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def _model_config(args: argparse.Namespace):
-    from condformer.config import load_config_file
+    from condformer.config_files import load_config_file
     from condformer.presets import preset
 
     if getattr(args, "config", None):
@@ -111,7 +111,7 @@ def _saved_run(out: Path):
     """On --resume, the run's saved configs: its checkpoint's or, for a run stopped before its first
     checkpoint, its config.json's. Nothing to resume: train()'s own one-line error, before anything else."""
     from condformer.checkpoint import check_run_dir, read_checkpoint, resolve_checkpoint
-    from condformer.config import load_config_file
+    from condformer.config_files import load_config_file
 
     check_run_dir(out, resume=True)
     if resolve_checkpoint(out) is None:
@@ -189,7 +189,7 @@ def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperatu
                    speculative: int | None = None, draft_tokens: int = 4, stats: dict | None = None) -> str:
     import torch
 
-    from condformer.generate import SamplingConfig, generate
+    from condformer.generation import SamplingConfig, generate
 
     ck, model, tok = _load_for_inference(path, exit_threshold=exit_threshold)
     if tok is None:

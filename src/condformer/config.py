@@ -11,32 +11,61 @@ invalid value into a one-line :class:`~condformer.errors.ConfigError` that names
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from condformer.errors import ConfigError
+from condformer.options import ComponentOptions
 from condformer.refusals import refuse
+from condformer.registry import BLOCKS, FFNS, ROUTERS
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("gelu", "swiglu")
 KINDS = ("decoder", "encoder")
 
 
+AXES = ("block", "router", "ffn")
+
+
 @dataclass
 class LayerSpec:
     """What one layer is: a block type, the router that decides which tokens it sees, and its FFN.
 
-    ``options`` carries technique-specific settings (e.g. a router's capacity) so that adding a
-    technique never changes this class's fields.
+    Each part is a registered name (``router="mod"``) or that component's typed options
+    (``router=MoD(capacity=0.125)``, ``ffn=MoE(experts=8, top_k=2)``): an options object is stored as its
+    name plus its settings in ``options``, the flat mapping files and checkpoints hold, so both spellings
+    make the same layer and adding a technique never changes this class's fields.
     """
 
     block: str = "preln"
     router: str = "dense"
     ffn: str = "mlp"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for axis in AXES:
+            part = getattr(self, axis)
+            if isinstance(part, str):
+                continue
+            if isinstance(part, ComponentOptions) and part.axis != axis:
+                name = type(part).__name__
+                article = "an" if part.axis == "ffn" else "a"
+                raise ConfigError(f"LayerSpec.{axis}: {name} holds {article} {part.axis}'s options; pass it as "
+                                  f"LayerSpec({part.axis}={name}(...))")
+            if not isinstance(part, ComponentOptions):
+                raise ConfigError(f"LayerSpec.{axis} must be a registered {axis} name or a {axis}'s options "
+                                  f"(e.g. LayerSpec(router=MoD(capacity=0.125))), got {type(part).__name__}")
+            given = part.validate(f"LayerSpec.{axis}").to_options()
+            clash = sorted(k for k in given if k in self.options and self.options[k] != given[k])
+            if clash:
+                raise ConfigError(f"LayerSpec: {clash} set both in {axis}={part!r} and in options; set them once")
+            self.options = {**self.options, **given}
+            setattr(self, axis, part.component)
+
+    def parts(self) -> tuple[Any, Any, Any]:
+        """The registered block, router and FFN classes this spec names."""
+        return BLOCKS.get(self.block), ROUTERS.get(self.router), FFNS.get(self.ffn)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,8 +294,6 @@ class ModelConfig:
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> ModelConfig:
-        from condformer.registry import BLOCKS, FFNS, ROUTERS
-
         _positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads")
         _finite(self, "model")
         _choice(self.kind, KINDS, "kind")
@@ -298,13 +325,19 @@ class ModelConfig:
             _choice(spec.block, BLOCKS.names(), f"layers[{i}].block")
             _choice(spec.router, ROUTERS.names(), f"layers[{i}].router")
             _choice(spec.ffn, FFNS.names(), f"layers[{i}].ffn")
-            parts = (BLOCKS.get(spec.block), ROUTERS.get(spec.router), FFNS.get(spec.ffn))
-            known = {k for part in parts for k in getattr(part, "options", ())}
+            parts = spec.parts()
+            typed = [part.Options for part in parts if getattr(part, "Options", None) is not None]
+            # a component without typed options may still list the keys it reads (the release's plugin form)
+            known = {k for options in typed for k in options.names()}
+            known |= {k for part in parts if getattr(part, "Options", None) is None
+                      for k in getattr(part, "options", ())}
             unknown = sorted(set(spec.options) - known)
             if unknown:
                 raise ConfigError(f"layers[{i}]: unknown option(s) {unknown} for {spec.block}/{spec.router}/"
                                   f"{spec.ffn}; known: {sorted(known) or 'none'}")
-            for part in parts:  # components check their own option values
+            for options in typed:  # each component's typed options check their own values
+                options.from_options(spec.options, f"layers[{i}]")
+            for part in parts:  # what needs the whole model (e.g. a decoder's refusals)
                 if hasattr(part, "validate_spec"):
                     part.validate_spec(spec, self, i)
         return self
@@ -398,71 +431,21 @@ def _finite(obj: Any, section: str) -> None:
             raise ConfigError(f"{section}.{f.name} must be a finite number, got {v}")
 
 
-# -- files -------------------------------------------------------------------------------------
-def load_config_file(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]:
-    """Read a JSON or YAML file holding ``{"model": {...}, "train": {...}}`` (or just the model)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist; pass an existing .json/.yaml file")
-    try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+# -- files (moved) -------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    """``condformer.config.load_config_file`` / ``save_config_file``: now in :mod:`condformer.config_files`.
 
-            raw = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
-        else:
-            raw = json.loads(text)
-    except Exception as e:  # both parsers raise their own types; report them the same way
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot parse config file '{p}': {first}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file '{p}' must hold a mapping with a 'model' key (and optionally 'train')")
-    if "model" not in raw and "train" not in raw:  # just the model
-        raw = {"model": raw}
-    unknown = sorted(map(str, set(raw) - {"model", "train"}))
-    if unknown or "model" not in raw:  # a misspelt section would otherwise be dropped silently
-        what = f"unknown top-level key(s) {unknown}" if unknown else "no 'model' section"
-        raise ConfigError(f"config file '{p}': {what}; it holds 'model' (and optionally 'train')")
-    base = raw["model"].pop("preset", None) if isinstance(raw["model"], dict) else None
-    if base is not None:  # {"model": {"preset": "small", "n_layers": 8}} overrides a preset
-        from condformer.presets import preset
+    File IO merges presets (``{"model": {"preset": "small"}}``), so it sits above them; this module stays a
+    leaf. The old import path keeps working (PEP 562), without an import edge at load time.
+    """
+    if name in ("load_config_file", "save_config_file"):
+        import condformer.config_files as files
 
-        merged = preset(base).to_dict()
-        merged.update(raw["model"])
-        raw["model"] = merged
-    model = ModelConfig.from_dict(raw["model"]).validate()
-    train = TrainConfig.from_dict(raw["train"]) if raw.get("train") is not None else None
-    return model, train
-
-
-def save_config_file(path: str | Path, model: ModelConfig, train: TrainConfig | None = None) -> None:
-    p = Path(path)
-    payload: dict[str, Any] = {"model": model.to_dict()}
-    if train is not None:
-        payload["train"] = train.to_dict()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        p.write_text(yaml.safe_dump(payload, sort_keys=False), encoding="utf-8")
-    else:
-        p.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        return getattr(files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _yaml_loader() -> type:
-    """PyYAML's safe loader, also reading ``3e-4`` as a float (YAML 1.1 floats need a dot: ``3.0e-4``)."""
-    import re
-
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    exponent_float = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789."))
-    return Loader
-
-
 def _from_dict(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")

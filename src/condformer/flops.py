@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from condformer.config import LayerSpec, ModelConfig
-from condformer.registry import BLOCKS, ROUTERS
+from condformer.registry import BLOCKS, FFNS, ROUTERS
 
 
 @dataclass
@@ -66,7 +66,6 @@ def eval_config(cfg: ModelConfig) -> ModelConfig:
     so its evaluation FLOPs are the active experts' and not the training capacity's."""
     import dataclasses
 
-    from condformer.registry import FFNS
 
     def view(spec: LayerSpec) -> LayerSpec:
         for part in (BLOCKS.get(spec.block), ROUTERS.get(spec.router), FFNS.get(spec.ffn)):

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import condformer.components  # noqa: F401  (registers the built-in blocks, routers and FFNs)
 from condformer.cache import KVCache
 from condformer.config import ModelConfig
 from condformer.context import Context, Tally
 from condformer.exits.forward import exit_forward
 from condformer.exits.heads import EarlyExit, ExitHeads
 from condformer.exits.policies import FULL_DEPTH, DepthPolicy
+from condformer.generation.exit_decoder import ExitDecoder
 from condformer.layers.norms import make_norm
 from condformer.losses import IGNORE_INDEX, lm_loss
 from condformer.registry import BLOCKS, ROUTERS
@@ -211,8 +213,6 @@ class Transformer(nn.Module):
         """A cached decoder that stops each token at its exit, or None when this model decodes at full depth."""
         if self.exits is None or self.exits.policy() == "full":
             return None
-        from condformer.exits.decoder import ExitDecoder
-
         return ExitDecoder(self)
 
     def forward(

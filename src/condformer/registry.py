@@ -1,13 +1,18 @@
 """Name -> class registries, one per composable axis of a layer (block, router, FFN).
 
 A technique registers its classes here under the name used in :class:`~condformer.config.LayerSpec`,
-so configs stay plain strings and the backbone never imports a technique directly.
+so configs stay plain strings and the backbone never imports a technique directly. This module is a leaf:
+it imports nothing of condformer but the errors, and the built-in components register themselves when
+:mod:`condformer.components` is imported (which ``import condformer`` does first), so the registry, the
+config and the components never import each other in a circle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+from condformer.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -27,24 +32,14 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
-        _ensure_builtin_registered()
+        if name not in self._items:
+            raise ConfigError(f"unknown {self.axis} '{name}'; choose one of: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:
-        _ensure_builtin_registered()
         return sorted(self._items)
 
 
 BLOCKS: Registry[Any] = Registry("block")
 ROUTERS: Registry[Any] = Registry("router")
 FFNS: Registry[Any] = Registry("ffn")
-
-
-def _ensure_builtin_registered() -> None:
-    # Importing the modules runs their @register decorators; done lazily to avoid import cycles.
-    import condformer.layers.blocks  # noqa: F401
-    import condformer.layers.mlp  # noqa: F401
-    import condformer.layers.simplified  # noqa: F401
-    import condformer.routing.dense  # noqa: F401
-    import condformer.routing.mod  # noqa: F401
-    import condformer.routing.moe  # noqa: F401

@@ -24,7 +24,7 @@ from condformer.cache import KVCache
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.flops import count_flops
-from condformer.generate import SamplingConfig, generate, left_pad
+from condformer.generation import SamplingConfig, generate, left_pad
 from condformer.layers.attention import SelfAttention
 from condformer.layers.blocks import PreLNBlock
 from condformer.layers.norms import LayerNorm, RMSNorm

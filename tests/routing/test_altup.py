@@ -27,10 +27,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from condformer.cache import KVCache
-from condformer.config import AltUpConfig, LayerSpec, ModelConfig, load_config_file, save_config_file
+from condformer.config import AltUpConfig, LayerSpec, ModelConfig
+from condformer.config_files import load_config_file, save_config_file
 from condformer.context import Context
 from condformer.flops import count_flops
-from condformer.generate import SamplingConfig, generate, left_pad
+from condformer.generation import SamplingConfig, generate, left_pad
 from condformer.model import build_model
 from condformer.optim import param_groups
 from condformer.presets import preset

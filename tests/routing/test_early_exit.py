@@ -36,9 +36,8 @@ from condformer.config import (
     LayerSpec,
     ModelConfig,
     TrainConfig,
-    load_config_file,
-    save_config_file,
 )
+from condformer.config_files import load_config_file, save_config_file
 from condformer.errors import CondformerError, ConfigError
 from condformer.flops import count_flops
 from condformer.model import build_model

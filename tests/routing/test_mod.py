@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from condformer.cache import KVCache
 from condformer.config import LayerSpec, every_other
 from condformer.context import Context, Tally
-from condformer.generate import SamplingConfig, generate, left_pad
+from condformer.generation import SamplingConfig, generate, left_pad
 from condformer.layers.blocks import PreLNBlock
 from condformer.model import build_layer, build_model
 from condformer.routing.mod import MoDRouter, capacity_tokens, set_eval_routing

@@ -22,13 +22,12 @@ from torch import nn
 from condformer.cache import KVCache
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context, Tally
-from condformer.generate import SamplingConfig, generate, left_pad
+from condformer.generation import SamplingConfig, generate, left_pad
 from condformer.model import build_model
 from condformer.optim import before_optimizer_step
-from condformer.routing import moe_dispatch as dispatch
-from condformer.routing import moe_losses as losses
-from condformer.routing.moe import MoEFFN
-from condformer.routing.moe_routers import HashRouter, LSHRouter
+from condformer.routing.moe import dispatch, losses
+from condformer.routing.moe.ffn import MoEFFN
+from condformer.routing.moe.routers import HashRouter, LSHRouter
 from helpers import naive_greedy, one_line_error
 
 from . import moe_reference as R

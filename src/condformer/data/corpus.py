@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from condformer.data.document import Document
+from condformer.data.synthetic import synthetic_documents
 from condformer.errors import DataError
 
 __all__ = ["Document", "Corpus", "load_corpus", "HF_MAX_DOCS"]
@@ -40,18 +42,6 @@ _SPLIT_BUCKETS = 10_000
 _BINARY_SNIFF_BYTES = 8192
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _GLOB_CHARS = frozenset("*?[")
-
-
-@dataclass(frozen=True)
-class Document:
-    """One unit of text.
-
-    ``path`` is a stable identifier (a path relative to the corpus root, or ``hf:NAME#i``); it decides the
-    train/validation split, so it must not depend on where the corpus happens to live on disk.
-    """
-
-    path: str
-    text: str
 
 
 @dataclass
@@ -118,8 +108,6 @@ def _read_documents(spec: str, max_docs: int | None) -> list[Document]:
     if spec.startswith("hf:"):
         return _hf_documents(spec, HF_MAX_DOCS if max_docs is None else max_docs)
     if spec.startswith("synthetic:"):
-        from condformer.data.synthetic import synthetic_documents  # imports this module, so import it late
-
         return synthetic_documents(spec, max_docs)
     path = Path(spec).expanduser()
     if _GLOB_CHARS & set(spec) and not path.exists():

@@ -46,7 +46,7 @@ import random
 import string
 from collections.abc import Callable
 
-from condformer.data.corpus import Document
+from condformer.data.document import Document
 from condformer.errors import DataError
 
 __all__ = [

@@ -30,7 +30,7 @@ Cached decoding therefore gives the same logits as a full forward pass with the 
 **Layout.** This module holds the exits' parameters and decisions (:class:`EarlyExit`) and the view through
 which they read the model's own final norm and head (:class:`ExitHeads`); the per-layer behaviour of each
 mode is a depth policy (:mod:`condformer.exits.policies`) of the model's one layer loop
-(:meth:`condformer.model.Transformer.run`); cached decoding is :mod:`condformer.exits.decoder`. Exits read
+(:meth:`condformer.model.Transformer.run`); cached decoding is :mod:`condformer.generation.exit_decoder`. Exits read
 the residual stream's readout, so they compose with AltUp as with the dense stream.
 """
 

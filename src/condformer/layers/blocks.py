@@ -6,14 +6,28 @@ adds it to every token, a Mixture-of-Depths router adds ``r * update`` to the ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.layers.attention import SelfAttention
-from condformer.layers.norms import block_norm, check_block_norm_option
+from condformer.layers.norms import block_norm
+from condformer.options import ComponentOptions
 from condformer.registry import BLOCKS, FFNS
+
+
+@dataclass
+class PreLN(ComponentOptions):
+    """Options of the pre-LN block: ``block_norm`` false drops its norms (but a LayerNorm at layer 0's input)."""
+
+    axis: ClassVar[str] = "block"
+    component: ClassVar[str] = "preln"
+
+    block_norm: bool = True
 
 
 @BLOCKS.register("preln")
@@ -24,7 +38,7 @@ class PreLNBlock(nn.Module):
             └─ norm ─ attention ───┘      └─ norm ─ FFN ──────────┘
     """
 
-    options: tuple[str, ...] = ("block_norm",)  # false: no norms (but a LayerNorm at layer 0's input)
+    Options = PreLN
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
         super().__init__()
@@ -40,10 +54,6 @@ class PreLNBlock(nn.Module):
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
         """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""
         self.attn.append_kv(self.pre_attn_norm(x_BTD), ctx)
-
-    @staticmethod
-    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
-        check_block_norm_option(spec, i)
 
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:

@@ -46,12 +46,3 @@ def block_norm(cfg, spec, layer_index: int, first: bool = True) -> nn.Module:  #
     if layer_index == 0 and first:
         return LayerNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.Identity()
-
-
-def check_block_norm_option(spec, i: int) -> None:  # noqa: ANN001
-    """One-line error unless ``block_norm`` (when given) is a boolean."""
-    v = spec.options.get("block_norm", True)
-    if not isinstance(v, bool):
-        from condformer.errors import ConfigError
-
-        raise ConfigError(f"layers[{i}]: block_norm must be true or false, got {v!r}")

@@ -19,42 +19,60 @@ registry works (MLP, MoE); any router wraps these blocks.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
-from condformer.errors import ConfigError
 from condformer.layers.attention import SelfAttention
-from condformer.layers.norms import block_norm, check_block_norm_option
+from condformer.layers.norms import block_norm
 from condformer.layers.shaped_attention import ShapedAttention
+from condformer.options import ComponentOptions
 from condformer.registry import BLOCKS, FFNS
 
-DEFAULTS: dict[str, Any] = {"block_norm": True, "beta_ff": 0.1, "beta_sa": 1.0, "value_matrix": False}
+
+@dataclass
+class Parallel(ComponentOptions):
+    """Options of the parallel block: ``block_norm`` false drops its shared norm (the paper's no-norm variant)."""
+
+    axis: ClassVar[str] = "block"
+    component: ClassVar[str] = "parallel"
+
+    block_norm: bool = True
 
 
-def _opt(spec: LayerSpec, name: str) -> Any:
-    return spec.options.get(name, DEFAULTS[name])
+@dataclass
+class SAS(ComponentOptions):
+    """Options of the skipless SAS block: ``LayerSpec(block=SAS(beta_ff=0.1))``.
+
+    block_norm: false drops the block's norms. beta_ff / beta_sa: initial FFN and attention gains (trainable,
+    no weight decay). value_matrix: the shaped attention's W_V = I + W (W zero at init) instead of W_V = I.
+    """
+
+    axis: ClassVar[str] = "block"
+    component: ClassVar[str] = "sas"
+
+    block_norm: bool = True
+    beta_ff: float = 0.1
+    beta_sa: float = 1.0
+    value_matrix: bool = False
 
 
-def validate_block_options(spec: LayerSpec, cfg: ModelConfig, i: int, names: tuple[str, ...]) -> None:
-    check_block_norm_option(spec, i)
-    for name in names:
-        v = _opt(spec, name)
-        if name == "value_matrix":
-            if not isinstance(v, bool):
-                raise ConfigError(f"layers[{i}]: value_matrix must be true or false, got {v!r}")
-        elif name != "block_norm" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ConfigError(f"layers[{i}]: {name} must be a number, got {v!r}")
+@dataclass
+class SASP(SAS):
+    """Options of the skipless parallel SAS-P block (the same settings as :class:`SAS`)."""
+
+    component: ClassVar[str] = "sasp"
 
 
 @BLOCKS.register("parallel")
 class ParallelBlock(nn.Module):
     """Attention and FFN side by side on one shared norm (GPT-J, PaLM): ``Attn(N x) + FFN(N x)``."""
 
-    options: tuple[str, ...] = ("block_norm",)
+    Options = Parallel
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
         super().__init__()
@@ -71,25 +89,22 @@ class ParallelBlock(nn.Module):
         self.attn.append_kv(self.norm(x_BTD), ctx)
 
     @staticmethod
-    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
-        validate_block_options(spec, cfg, i, ParallelBlock.options)
-
-    @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:
         return SelfAttention.flops(cfg, n_queries, n_keys) + FFNS.get(spec.ffn).flops(cfg, spec, n_queries)
 
 
 class _ShapedBlock(nn.Module):
-    options: tuple[str, ...] = tuple(DEFAULTS)
+    Options: type[SAS] = SAS
     no_weight_decay = ("beta_ff", "beta_sa")
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
         super().__init__()
         self.norm1 = block_norm(cfg, spec, layer_index)
-        self.attn = ShapedAttention(cfg, value_matrix=_opt(spec, "value_matrix"))
+        o = self.Options.of(spec, f"layers[{layer_index}]")
+        self.attn = ShapedAttention(cfg, value_matrix=o.value_matrix)
         self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
-        self.beta_ff = nn.Parameter(torch.tensor(float(_opt(spec, "beta_ff"))))
-        self.beta_sa = nn.Parameter(torch.tensor(float(_opt(spec, "beta_sa"))))
+        self.beta_ff = nn.Parameter(torch.tensor(float(o.beta_ff)))
+        self.beta_sa = nn.Parameter(torch.tensor(float(o.beta_sa)))
 
     def output(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
         """The block's output, which replaces ``x`` (no skip connection)."""
@@ -103,12 +118,8 @@ class _ShapedBlock(nn.Module):
         self.attn.append_kv(self.norm1(x_BTD), ctx)
 
     @staticmethod
-    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
-        validate_block_options(spec, cfg, i, _ShapedBlock.options)
-
-    @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:
-        return (ShapedAttention.flops(cfg, n_queries, n_keys, _opt(spec, "value_matrix"))
+        return (ShapedAttention.flops(cfg, n_queries, n_keys, SAS.of(spec).value_matrix)
                 + FFNS.get(spec.ffn).flops(cfg, spec, n_queries))
 
 
@@ -128,6 +139,8 @@ class SASBlock(_ShapedBlock):
 @BLOCKS.register("sasp")
 class SASPBlock(_ShapedBlock):
     """Skipless attention, parallel, no skip at all: ``beta_SA * ShapedAttn(N1 x) + beta_FF * FFN(N1 x)``."""
+
+    Options = SASP
 
     def output(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
         z = self.norm1(x_BTD)

@@ -29,7 +29,8 @@ as invalid entries. A decode step whose token skips the layer runs nothing and c
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +39,41 @@ from torch import nn
 from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.errors import ConfigError
+from condformer.options import ComponentOptions, option
 from condformer.refusals import refuse
 from condformer.registry import ROUTERS
 
 WEIGHTINGS = ("sigmoid", "raw")
 CAUSAL_ROUTERS = ("predictor", "aux", "none")
 EVAL_ROUTINGS = ("causal", "topk")
-DEFAULTS: dict[str, Any] = {
-    "capacity": 0.125,  # the paper's best: 12.5% of tokens on every other block
-    "weighting": "sigmoid",
-    "causal_router": "predictor",
-    "eval_routing": "causal",
-    "aux_coef": 0.1,  # weight of the BCE on router logits ("aux")
-    "predictor_coef": 1.0,  # weight of the predictor's BCE (stop-gradient input: only the predictor learns it)
-    "predictor_hidden": None,  # None: d_model // 4
-}
+
+
+@dataclass
+class MoD(ComponentOptions):
+    """Options of the Mixture-of-Depths router: ``LayerSpec(router=MoD(capacity=0.125))``.
+
+    capacity: the fraction c of each sequence's tokens that get the block (the paper's best: 12.5% on every
+        other block). weighting: the router weight g(r) on the block's output, ``sigmoid`` or ``raw``.
+    causal_router: how the causal decision is learned (``predictor``: a small MLP on the stop-gradient
+        router input; ``aux``: BCE on the router's own logits; ``none``: top-k only, no generation).
+    eval_routing: ``causal`` (the per-token decision, for evaluation and generation) or ``topk``.
+    aux_coef / predictor_coef: weights of the two BCE losses. predictor_hidden: the predictor's width.
+    """
+
+    axis: ClassVar[str] = "router"
+    component: ClassVar[str] = "mod"
+
+    capacity: float = option(0.125, gt=0, le=1)
+    weighting: str = option("sigmoid", choices=WEIGHTINGS)
+    causal_router: str = option("predictor", choices=CAUSAL_ROUTERS)
+    eval_routing: str = option("causal", choices=EVAL_ROUTINGS)
+    aux_coef: float = option(0.1, ge=0)
+    predictor_coef: float = option(1.0, ge=0)
+    predictor_hidden: int | None = option(None, ge=1, null="d_model // 4")
+
+    def check(self, where: str) -> None:
+        if self.causal_router == "none" and self.eval_routing == "causal":
+            raise refuse("mod_causal_without_router", where=where)
 
 
 def capacity_tokens(capacity: float, seq_len: int) -> int:
@@ -64,12 +85,8 @@ def capacity_tokens(capacity: float, seq_len: int) -> int:
 
 
 def predictor_width(cfg: ModelConfig, spec: LayerSpec) -> int:
-    h = spec.options.get("predictor_hidden")
+    h = MoD.of(spec).predictor_hidden
     return max(8, cfg.d_model // 4) if h is None else h
-
-
-def _opt(spec: LayerSpec, name: str) -> Any:
-    return spec.options.get(name, DEFAULTS[name])
 
 
 @ROUTERS.register("mod")
@@ -80,8 +97,7 @@ class MoDRouter(nn.Module):
            └──────────────────────────── (tokens not chosen pass unchanged) ──────┘
     """
 
-    options: tuple[str, ...] = tuple(DEFAULTS)
-
+    Options = MoD
     inference_knobs = ("routing",)
 
     def get_inference(self, name: str) -> str:
@@ -98,12 +114,13 @@ class MoDRouter(nn.Module):
         super().__init__()
         self.block = block
         self.layer_index = layer_index
-        self.capacity = float(_opt(spec, "capacity"))
-        self.weighting = _opt(spec, "weighting")
-        self.causal_router = _opt(spec, "causal_router")
-        self.eval_routing = _opt(spec, "eval_routing")
-        self.aux_coef = float(_opt(spec, "aux_coef"))
-        self.predictor_coef = float(_opt(spec, "predictor_coef"))
+        o = MoD.of(spec, f"layers[{layer_index}]")
+        self.capacity = float(o.capacity)
+        self.weighting = o.weighting
+        self.causal_router = o.causal_router
+        self.eval_routing = o.eval_routing
+        self.aux_coef = float(o.aux_coef)
+        self.predictor_coef = float(o.predictor_coef)
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
         nn.init.normal_(self.router.weight, std=cfg.init_std)
         self.predictor: nn.Module | None = None
@@ -240,32 +257,13 @@ class MoDRouter(nn.Module):
 
     # -- config and cost ---------------------------------------------------------------------
     @staticmethod
-    def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
-        c = spec.options.get("capacity", DEFAULTS["capacity"])
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
-            raise ConfigError(f"layers[{i}]: capacity must be in (0, 1], got {c!r}")
-        for name, choices in (("weighting", WEIGHTINGS), ("causal_router", CAUSAL_ROUTERS),
-                              ("eval_routing", EVAL_ROUTINGS)):
-            v = _opt(spec, name)
-            if v not in choices:
-                raise ConfigError(f"layers[{i}]: unknown {name} {v!r}; choose one of: {', '.join(choices)}")
-        for name in ("aux_coef", "predictor_coef"):
-            v = _opt(spec, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"layers[{i}]: {name} must be a number >= 0, got {v!r}")
-        h = spec.options.get("predictor_hidden")
-        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
-            raise ConfigError(f"layers[{i}]: predictor_hidden must be a positive integer or null, got {h!r}")
-        if _opt(spec, "causal_router") == "none" and _opt(spec, "eval_routing") == "causal":
-            raise refuse("mod_causal_without_router", where=f"layers[{i}]")
-
-    @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, seq_len: int, block_flops) -> int:
         """Forward FLOPs at capacity: the block on k tokens (attention k x k), router and predictor on all T."""
-        k = capacity_tokens(float(_opt(spec, "capacity")), seq_len)
+        o = MoD.of(spec)
+        k = capacity_tokens(float(o.capacity), seq_len)
         d = cfg.d_model
         flops = block_flops(k, k) + 2 * seq_len * d
-        if _opt(spec, "causal_router") == "predictor":
+        if o.causal_router == "predictor":
             h = predictor_width(cfg, spec)
             flops += 2 * seq_len * d * h + 2 * seq_len * h
         return flops

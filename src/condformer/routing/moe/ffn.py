@@ -1,13 +1,14 @@
 """Mixture-of-Experts FFN: E experts in place of one MLP, a router choosing which ones each token visits.
 
-Use it in any block with ``LayerSpec(ffn="moe", options={...})``. One module composes four choices:
+Use it in any block with ``LayerSpec(ffn=MoE(experts=8, top_k=2))`` (or ``ffn="moe", options={...}``). One
+module composes four choices:
 
 * the router (``moe_router``): ``topk`` | ``switch`` | ``noisy_topk`` | ``expert_choice`` | ``hash`` |
-  ``lsh`` | ``soft`` (see :mod:`condformer.routing.moe_routers`), at ``granularity`` ``token`` or
+  ``lsh`` | ``soft`` (see :mod:`condformer.routing.moe.routers`), at ``granularity`` ``token`` or
   ``sequence`` (one decision per sample from its mean state);
 * balancing: the Switch loss (``balance_coef``, ``balance_convention``), Shazeer's importance and load
   CV^2 losses, the router z-loss, or DeepSeek-V3's aux-loss-free bias (``aux_free_rate``);
-* dispatch (:mod:`condformer.routing.moe_dispatch`): ``capacity_factor`` slots per expert in training,
+* dispatch (:mod:`condformer.routing.moe.dispatch`): ``capacity_factor`` slots per expert in training,
   ``eval_capacity_factor`` at evaluation (None = dropless: a token's output never depends on other
   tokens, which keeps evaluation honest and cached generation exact);
 * extras: ``shared_experts`` always on (DeepSeekMoE), fine-grained experts (``expert_dim`` < d_ff), and
@@ -23,100 +24,153 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from condformer.config import LayerSpec, ModelConfig
 from condformer.errors import ConfigError
+from condformer.options import ComponentOptions, option
 from condformer.refusals import refuse
 from condformer.registry import FFNS
-from condformer.routing import moe_dispatch as dispatch
-from condformer.routing import moe_losses as losses
-from condformer.routing.experts import StackedExperts
-from condformer.routing.moe_routers import HashRouter, LinearRouter, LSHRouter, NoisyTopKRouter, Routing, TopKRouter
+from condformer.routing.moe import dispatch, losses
+from condformer.routing.moe.experts import StackedExperts
+from condformer.routing.moe.routers import HashRouter, LinearRouter, LSHRouter, NoisyTopKRouter, Routing, TopKRouter
 
 ROUTER_KINDS = ("topk", "switch", "noisy_topk", "expert_choice", "hash", "lsh", "soft")
 TOP1_KINDS = ("switch", "hash", "lsh")  # routers that send each token to exactly one expert
 LEARNED_TOKEN_CHOICE = ("topk", "switch", "noisy_topk")
 GRANULARITIES = ("token", "sequence")
 DISPATCHES = ("auto", "grouped", "sorted", "loop")
-DEFAULTS: dict[str, Any] = {
-    "experts": 8,
-    "top_k": 2,
-    "moe_router": "topk",
-    "renormalize": True,  # renormalise the k chosen gates to sum to 1 (Mixtral); ignored for k = 1
-    "capacity_factor": 1.25,  # training; None = dropless
-    "eval_capacity_factor": None,  # evaluation and generation; None = dropless (the honest default)
-    "drop_policy": "position",
-    "dispatch": "auto",  # auto: grouped matmul where supported, else sorted slices
-    "expert_dim": None,  # None: the model's d_ff; smaller values make fine-grained experts
-    "shared_experts": 0,
-    "null_experts": 0,
-    "granularity": "token",
-    "balance_coef": 0.01,
-    "balance_convention": "unit",
-    "z_coef": 0.001,
-    "importance_coef": 0.0,
-    "load_coef": 0.0,
-    "aux_free_rate": 0.0,  # > 0: DeepSeek-V3 bias balancing, bias step size per optimiser step
-    "allow_noncausal": False,  # permit expert_choice / sequence routing in a decoder (no KV-cached generation)
-}
+DROP_POLICIES = dispatch.DROP_POLICIES
+BALANCE_CONVENTIONS = losses.BALANCE_CONVENTIONS
 
 
-def _opt(spec: LayerSpec, name: str) -> Any:
-    return spec.options.get(name, DEFAULTS[name])
+@dataclasses.dataclass
+class MoE(ComponentOptions):
+    """Options of the Mixture-of-Experts FFN: ``LayerSpec(ffn=MoE(experts=8, top_k=2))``.
+
+    experts / top_k: routed experts and how many each token uses (null: 2, or 1 for the one-expert routers
+    switch, hash and lsh). moe_router: topk, switch, noisy_topk, expert_choice, hash, lsh or soft.
+    renormalize: the k chosen gates sum to 1 (Mixtral; ignored for k = 1). capacity_factor: slots per expert
+    in training (null: dropless); eval_capacity_factor: the same in evaluation and generation (null, the
+    honest default: dropless). drop_policy: which tokens lose a full expert's slot. dispatch: the expert
+    kernel (auto: grouped matmul where supported, else sorted slices). expert_dim: an expert's width (null:
+    the model's d_ff; smaller: fine-grained experts). shared_experts: always-on experts; null_experts:
+    experts that compute nothing (integrated MoDE). granularity: route each token, or each sequence by its
+    mean state. balance_coef / balance_convention / z_coef / importance_coef / load_coef: the auxiliary
+    losses; aux_free_rate > 0: DeepSeek-V3's bias balancing step. allow_noncausal: permit expert_choice or
+    sequence routing in a decoder (no KV-cached generation).
+    """
+
+    axis: ClassVar[str] = "ffn"
+    component: ClassVar[str] = "moe"
+
+    experts: int = option(8, ge=1)
+    top_k: int | None = option(None, ge=1, null="2 (1 for switch, hash and lsh)")
+    moe_router: str = option("topk", choices=ROUTER_KINDS)
+    renormalize: bool = True
+    capacity_factor: float | None = option(1.25, gt=0, null="dropless")
+    eval_capacity_factor: float | None = option(None, gt=0, null="dropless")
+    drop_policy: str = option("position", choices=DROP_POLICIES)
+    dispatch: str = option("auto", choices=DISPATCHES)
+    expert_dim: int | None = option(None, ge=1, null="the model's d_ff")
+    shared_experts: int = option(0, ge=0)
+    null_experts: int = option(0, ge=0)
+    granularity: str = option("token", choices=GRANULARITIES)
+    balance_coef: float = option(0.01, ge=0)
+    balance_convention: str = option("unit", choices=BALANCE_CONVENTIONS)
+    z_coef: float = option(0.001, ge=0)
+    importance_coef: float = option(0.0, ge=0)
+    load_coef: float = option(0.0, ge=0)
+    aux_free_rate: float = option(0.0, ge=0)
+    allow_noncausal: bool = False
+
+    @property
+    def k(self) -> int:
+        """Experts per token with the router's own default resolved."""
+        if self.moe_router in TOP1_KINDS:
+            return 1
+        return 2 if self.top_k is None else self.top_k
+
+    @property
+    def causal(self) -> bool:
+        """Whether a token's routing depends only on itself (needed for decoders and KV-cached generation)."""
+        return self.moe_router != "expert_choice" and self.granularity == "token"
+
+    def check(self, where: str) -> None:
+        kind, n_total = self.moe_router, self.experts + self.null_experts
+        if kind in TOP1_KINDS and self.top_k not in (None, 1):
+            raise ConfigError(f"{where}: moe_router '{kind}' sends each token to one expert; drop top_k or set it to 1")
+        if kind not in TOP1_KINDS and self.k > n_total:
+            raise ConfigError(f"{where}: top_k ({self.k}) exceeds the number of experts ({n_total})")
+        if kind == "noisy_topk" and self.k == 1:
+            raise ConfigError(f"{where}: noisy_topk with top_k 1 makes every gate 1 (a softmax over one logit), so "
+                              f"the router never learns from the language-model loss; use top_k >= 2, or 'switch'")
+        if self.null_experts and kind not in LEARNED_TOKEN_CHOICE:
+            raise ConfigError(f"{where}: null_experts (integrated MoDE) need a learned token-choice router "
+                              f"({', '.join(LEARNED_TOKEN_CHOICE)}), not '{kind}'")
+        if self.aux_free_rate > 0 and kind not in LEARNED_TOKEN_CHOICE:
+            raise ConfigError(f"{where}: aux_free_rate applies to learned token-choice routers "
+                              f"({', '.join(LEARNED_TOKEN_CHOICE)}), not '{kind}'")
+        if self.load_coef > 0 and kind != "noisy_topk":
+            raise ConfigError(f"{where}: load_coef needs moe_router 'noisy_topk' (the smooth load estimate uses "
+                              f"its noise); use balance_coef or importance_coef for '{kind}'")
+        if self.granularity == "sequence" and kind not in (*LEARNED_TOKEN_CHOICE, "lsh"):
+            raise ConfigError(f"{where}: granularity 'sequence' needs a router that scores hidden states "
+                              f"(topk, switch, noisy_topk, lsh), not '{kind}'")
 
 
 def top_k_of(spec: LayerSpec) -> int:
-    return 1 if _opt(spec, "moe_router") in TOP1_KINDS else int(_opt(spec, "top_k"))
+    return MoE.of(spec).k
 
 
 def expert_width(cfg: ModelConfig, spec: LayerSpec) -> int:
-    w = _opt(spec, "expert_dim")
+    w = MoE.of(spec).expert_dim
     return cfg.ffn_dim if w is None else int(w)
 
 
 def is_causal_routing(spec: LayerSpec) -> bool:
     """Whether a token's routing depends only on itself (needed for decoders and KV-cached generation)."""
-    return _opt(spec, "moe_router") != "expert_choice" and _opt(spec, "granularity") == "token"
+    return MoE.of(spec).causal
 
 
 @FFNS.register("moe")
 class MoEFFN(nn.Module):
     """``sum_{e in chosen(x)} gate_e(x) * expert_e(x)`` (+ shared experts), computed only for chosen pairs."""
 
-    options: tuple[str, ...] = tuple(DEFAULTS)
+    Options = MoE
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_index: int) -> None:
         super().__init__()
+        o = MoE.of(spec, f"layers[{layer_index}]")
         self.layer_index = layer_index
-        self.kind = _opt(spec, "moe_router")
-        self.n_experts = int(_opt(spec, "experts"))
-        self.n_null = int(_opt(spec, "null_experts"))
+        self.kind = o.moe_router
+        self.n_experts = int(o.experts)
+        self.n_null = int(o.null_experts)
         self.n_total = self.n_experts + self.n_null
-        self.k = top_k_of(spec)
-        self.capacity_factor = _opt(spec, "capacity_factor")
-        self.eval_capacity_factor = _opt(spec, "eval_capacity_factor")
-        self.drop_policy = _opt(spec, "drop_policy")
-        self.dispatch = _opt(spec, "dispatch")
-        self.granularity = _opt(spec, "granularity")
-        self.balance_coef = float(_opt(spec, "balance_coef"))
-        self.balance_convention = _opt(spec, "balance_convention")
-        self.z_coef = float(_opt(spec, "z_coef"))
-        self.importance_coef = float(_opt(spec, "importance_coef"))
-        self.load_coef = float(_opt(spec, "load_coef"))
-        self.aux_free_rate = float(_opt(spec, "aux_free_rate"))
+        self.k = o.k
+        self.capacity_factor = o.capacity_factor
+        self.eval_capacity_factor = o.eval_capacity_factor
+        self.drop_policy = o.drop_policy
+        self.dispatch = o.dispatch
+        self.granularity = o.granularity
+        self.balance_coef = float(o.balance_coef)
+        self.balance_convention = o.balance_convention
+        self.z_coef = float(o.z_coef)
+        self.importance_coef = float(o.importance_coef)
+        self.load_coef = float(o.load_coef)
+        self.aux_free_rate = float(o.aux_free_rate)
         d, swiglu = cfg.d_model, cfg.mlp == "swiglu"
-        width = expert_width(cfg, spec)
+        width = cfg.ffn_dim if o.expert_dim is None else o.expert_dim
         self.bank = StackedExperts(self.n_experts, d, width, swiglu, cfg.init_std, cfg.n_layers)
-        n_shared = int(_opt(spec, "shared_experts"))
+        n_shared = int(o.shared_experts)
         self.shared = StackedExperts(1, d, n_shared * width, swiglu, cfg.init_std, cfg.n_layers) if n_shared else None
         seed = 0x5EED + 7919 * layer_index
         self.router: nn.Module
         if self.kind in ("topk", "switch"):
-            self.router = TopKRouter(d, self.n_total, cfg.init_std, self.k, bool(_opt(spec, "renormalize")))
+            self.router = TopKRouter(d, self.n_total, cfg.init_std, self.k, bool(o.renormalize))
         elif self.kind == "noisy_topk":
             self.router = NoisyTopKRouter(d, self.n_total, cfg.init_std, self.k)
         elif self.kind == "hash":
@@ -317,55 +371,12 @@ class MoEFFN(nn.Module):
     # -- config and cost ---------------------------------------------------------------------
     @staticmethod
     def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
-        where = f"layers[{i}]"
-        kind = _opt(spec, "moe_router")
-        for name, choices in (("moe_router", ROUTER_KINDS), ("granularity", GRANULARITIES),
-                              ("dispatch", DISPATCHES), ("drop_policy", dispatch.DROP_POLICIES),
-                              ("balance_convention", losses.BALANCE_CONVENTIONS)):
-            v = _opt(spec, name)
-            if v not in choices:
-                raise ConfigError(f"{where}: unknown {name} {v!r}; choose one of: {', '.join(choices)}")
-        _check_int(spec, "experts", 1, where)
-        _check_int(spec, "top_k", 1, where)
-        _check_int(spec, "shared_experts", 0, where)
-        _check_int(spec, "null_experts", 0, where)
-        if _opt(spec, "expert_dim") is not None:
-            _check_int(spec, "expert_dim", 1, where)
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            v = _opt(spec, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-                raise ConfigError(f"{where}: {name} must be a number > 0, or null for dropless; got {v!r}")
-        for name in ("balance_coef", "z_coef", "importance_coef", "load_coef", "aux_free_rate"):
-            v = _opt(spec, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"{where}: {name} must be a number >= 0, got {v!r}")
-        for name in ("renormalize", "allow_noncausal"):
-            if not isinstance(_opt(spec, name), bool):
-                raise ConfigError(f"{where}: {name} must be true or false, got {_opt(spec, name)!r}")
-        n_total = _opt(spec, "experts") + _opt(spec, "null_experts")
-        if kind in TOP1_KINDS and "top_k" in spec.options and spec.options["top_k"] != 1:
-            raise ConfigError(f"{where}: moe_router '{kind}' sends each token to one expert; drop top_k or set it to 1")
-        if kind not in TOP1_KINDS and _opt(spec, "top_k") > n_total:
-            raise ConfigError(f"{where}: top_k ({_opt(spec, 'top_k')}) exceeds the number of experts ({n_total})")
-        if kind == "noisy_topk" and _opt(spec, "top_k") == 1:
-            raise ConfigError(f"{where}: noisy_topk with top_k 1 makes every gate 1 (a softmax over one logit), so "
-                              f"the router never learns from the language-model loss; use top_k >= 2, or 'switch'")
-        if _opt(spec, "null_experts") and kind not in LEARNED_TOKEN_CHOICE:
-            raise ConfigError(f"{where}: null_experts (integrated MoDE) need a learned token-choice router "
-                              f"({', '.join(LEARNED_TOKEN_CHOICE)}), not '{kind}'")
-        if _opt(spec, "aux_free_rate") > 0 and kind not in LEARNED_TOKEN_CHOICE:
-            raise ConfigError(f"{where}: aux_free_rate applies to learned token-choice routers "
-                              f"({', '.join(LEARNED_TOKEN_CHOICE)}), not '{kind}'")
-        if _opt(spec, "load_coef") > 0 and kind != "noisy_topk":
-            raise ConfigError(f"{where}: load_coef needs moe_router 'noisy_topk' (the smooth load estimate uses "
-                              f"its noise); use balance_coef or importance_coef for '{kind}'")
-        if _opt(spec, "granularity") == "sequence" and kind not in (*LEARNED_TOKEN_CHOICE, "lsh"):
-            raise ConfigError(f"{where}: granularity 'sequence' needs a router that scores hidden states "
-                              f"(topk, switch, noisy_topk, lsh), not '{kind}'")
-        if cfg.causal and not is_causal_routing(spec) and not _opt(spec, "allow_noncausal"):
-            what = "expert_choice routing" if kind == "expert_choice" else "granularity 'sequence'"
+        """What the options alone cannot decide: routing a decoder may not use (the table in refusals.py)."""
+        where, o = f"layers[{i}]", MoE.of(spec, f"layers[{i}]")
+        if cfg.causal and not o.causal and not o.allow_noncausal:
+            what = "expert_choice routing" if o.moe_router == "expert_choice" else "granularity 'sequence'"
             raise refuse("moe_noncausal_in_decoder", where=where, what=what)
-        if cfg.causal and _opt(spec, "eval_capacity_factor") is not None and not _opt(spec, "allow_noncausal"):
+        if cfg.causal and o.eval_capacity_factor is not None and not o.allow_noncausal:
             # capacity is shared by the whole batch and filled choice-major: a later token's first choice can
             # take the slot of an earlier token's second, so evaluation would see the future
             raise refuse("moe_eval_capacity_in_decoder", where=where)
@@ -373,7 +384,7 @@ class MoEFFN(nn.Module):
     @staticmethod
     def eval_spec(spec: LayerSpec) -> LayerSpec:
         """The spec as evaluation runs it: the eval capacity factor (None: dropless) replaces the training one."""
-        options = {**spec.options, "capacity_factor": _opt(spec, "eval_capacity_factor")}
+        options = {**spec.options, "capacity_factor": MoE.of(spec).eval_capacity_factor}
         return dataclasses.replace(spec, options=options)
 
     @staticmethod
@@ -384,28 +395,22 @@ class MoEFFN(nn.Module):
         of which a share E / (E + null) reaches real experts when the router is balanced (integrated MoDE's
         no-op experts cost nothing).
         """
-        kind, d = _opt(spec, "moe_router"), cfg.d_model
-        E, n_null = int(_opt(spec, "experts")), int(_opt(spec, "null_experts"))
-        n_total, k = E + n_null, top_k_of(spec)
+        o = MoE.of(spec)
+        kind, d = o.moe_router, cfg.d_model
+        E, n_null = int(o.experts), int(o.null_experts)
+        n_total, k = E + n_null, o.k
         width = expert_width(cfg, spec)
         per_token = 2 * d * width * (3 if cfg.mlp == "swiglu" else 2)
-        n_routed = 1 if _opt(spec, "granularity") == "sequence" else n_tokens
+        n_routed = 1 if o.granularity == "sequence" else n_tokens
         router = {"hash": 0, "lsh": 2 * n_routed * d * LSHRouter.n_bits(E),
                   "noisy_topk": 2 * 2 * n_routed * d * n_total}.get(kind, 2 * n_routed * d * n_total)
         if kind == "soft":  # every expert on every token, then the probability-weighted sum (a matmul too)
             experts = n_tokens * E * per_token + 2 * n_tokens * E * d
         elif kind == "expert_choice":
             experts = E * max(1, min(n_tokens, math.ceil(k * n_tokens / E - 1e-9))) * per_token
-        elif _opt(spec, "capacity_factor") is None:
+        elif o.capacity_factor is None:
             experts = round(n_tokens * k * E / n_total) * per_token
         else:
-            experts = E * dispatch.capacity_slots(_opt(spec, "capacity_factor"), n_tokens, k, n_total) * per_token
-        shared = n_tokens * per_token * int(_opt(spec, "shared_experts"))
+            experts = E * dispatch.capacity_slots(o.capacity_factor, n_tokens, k, n_total) * per_token
+        shared = n_tokens * per_token * int(o.shared_experts)
         return router + experts + shared
-
-
-def _check_int(spec: LayerSpec, name: str, low: int, where: str) -> None:
-    v = _opt(spec, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ConfigError(f"{where}: {name} must be an integer >= {low}, got {v!r}")
-

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from condformer.routing.experts import StackedExperts
+from condformer.routing.moe.experts import StackedExperts
 
 DROP_POLICIES = ("position", "score")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from condformer.routing.moe_dispatch import count_ids
+from condformer.routing.moe.dispatch import count_ids
 
 BALANCE_CONVENTIONS = ("unit", "hf")
 

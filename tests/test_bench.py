@@ -135,7 +135,7 @@ def test_both_models_get_the_same_seed_and_inputs(monkeypatch: pytest.MonkeyPatc
         built.append((b, args[5]))
         return b
 
-    monkeypatch.setattr(bench, "_build", spy)
+    monkeypatch.setattr(bench.runner, "_build", spy)
     run_bench(fast(small(), vs=small(), mode="forward", repeats=1, warmup=0), progress=False)
     (a, tokens_a), (b, tokens_b) = built
     assert tokens_a is tokens_b
@@ -154,8 +154,8 @@ def fake_timer(calls: list[str], times: dict[str, float]) -> Any:
 
 def test_measurements_alternate_and_flip_order_each_round(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(bench, "_time_op", fake_timer(calls, {"a32": 2.0, "b64": 1.0}))
-    monkeypatch.setattr(bench, "read_cpu_ticks", lambda: None)
+    monkeypatch.setattr(bench.runner, "_time_op", fake_timer(calls, {"a32": 2.0, "b64": 1.0}))
+    monkeypatch.setattr(bench.runner, "read_cpu_ticks", lambda: None)
     r = run_bench(fast(small(), vs=big(), mode="forward", repeats=4, warmup=0), progress=False)
     assert calls == ["a32", "b64", "b64", "a32", "a32", "b64", "b64", "a32"]
     assert r["models"]["a32"]["times_s"] == [2.0] * 4
@@ -189,8 +189,8 @@ class FakeStat:
 
 def test_a_disturbed_measurement_is_redone(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(bench, "_time_op", fake_timer(calls, {"a32": 1.0, "b64": 1.0}))
-    monkeypatch.setattr(bench, "read_cpu_ticks", FakeStat(lambda attempt: attempt == 0))
+    monkeypatch.setattr(bench.runner, "_time_op", fake_timer(calls, {"a32": 1.0, "b64": 1.0}))
+    monkeypatch.setattr(bench.runner, "read_cpu_ticks", FakeStat(lambda attempt: attempt == 0))
     r = run_bench(fast(small(), vs=big(), mode="forward", repeats=3, warmup=0, max_retries=3), progress=False)
     a, b = r["models"]["a32"], r["models"]["b64"]
     assert calls[:3] == ["a32", "a32", "b64"]  # the first measurement of A was taken again
@@ -201,8 +201,8 @@ def test_a_disturbed_measurement_is_redone(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_persistent_load_flags_every_measurement_after_bounded_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(bench, "_time_op", fake_timer(calls, {"a32": 1.0, "b64": 1.0}))
-    monkeypatch.setattr(bench, "read_cpu_ticks", FakeStat(lambda attempt: True))
+    monkeypatch.setattr(bench.runner, "_time_op", fake_timer(calls, {"a32": 1.0, "b64": 1.0}))
+    monkeypatch.setattr(bench.runner, "read_cpu_ticks", FakeStat(lambda attempt: True))
     r = run_bench(fast(small(), vs=big(), mode="forward", repeats=3, warmup=0, max_retries=2), progress=False)
     for m in r["models"].values():
         assert m["disturbed"] == 3 and m["retries"] == 3 * 2
@@ -212,8 +212,8 @@ def test_persistent_load_flags_every_measurement_after_bounded_retries(monkeypat
 
 
 def test_unknown_cpu_load_disables_detection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "_time_op", fake_timer([], {"a32": 1.0}))
-    monkeypatch.setattr(bench, "read_cpu_ticks", lambda: None)
+    monkeypatch.setattr(bench.runner, "_time_op", fake_timer([], {"a32": 1.0}))
+    monkeypatch.setattr(bench.runner, "read_cpu_ticks", lambda: None)
     m = run_bench(fast(small(), mode="forward", warmup=0), progress=False)["models"]["a32"]
     assert (m["others_cpu_median"], m["disturbed"], m["retries"]) == (None, 0, 0)
 
@@ -247,7 +247,7 @@ def test_others_cpu_cores_by_hand() -> None:
 
 
 def test_read_cpu_ticks_without_proc_stat(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    monkeypatch.setattr(bench, "PROC_STAT", str(tmp_path / "missing"))
+    monkeypatch.setattr(bench.cpu, "PROC_STAT", str(tmp_path / "missing"))
     assert bench.read_cpu_ticks() is None
 
 
@@ -371,7 +371,7 @@ def test_models_from_config_files_and_run_directories(tmp_path, monkeypatch) -> 
     save_checkpoint(run, 7, trained, None, {}, small_mod(0.5), None)
     built: list[bench._Bench] = []
     real_build = bench._build
-    monkeypatch.setattr(bench, "_build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    monkeypatch.setattr(bench.runner, "_build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     r = run_bench(fast(str(run), vs=str(cfg_file), mode="forward", repeats=1), progress=False)
     assert list(r["models"]) == ["run", "m32"]
     assert r["models"]["run"]["checkpoint"].endswith("step-00000007")

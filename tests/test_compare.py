@@ -174,6 +174,24 @@ def test_presets_resolve_with_dense_first() -> None:
     assert StudyConfig(presets=["sasp"], size="small").resolved() == [("dense", "small"), ("sasp", "small-sasp")]
 
 
+def test_techniques_come_from_the_presets_for_every_size() -> None:
+    from condformer.compare import TECHNIQUES
+    from condformer.presets import SIZES, presets, technique_presets
+
+    # the table the study took before it was derived from the presets (encoders are no technique)
+    assert TECHNIQUES == {
+        "dense": "", "mod": "-mod", "moe": "-moe", "switch": "-switch", "mode": "-mode",
+        "mode-staged": "-mode-staged", "altup": "-altup", "raltup": "-raltup", "parallel": "-parallel",
+        "sas": "-sas", "sasp": "-sasp", "exit": "-exit",
+    }
+    known = set(presets())
+    for size in SIZES:
+        assert technique_presets(size) == {t: size + suffix for t, suffix in TECHNIQUES.items()}, size
+        assert all(size + suffix in known for suffix in TECHNIQUES.values()), size
+    with pytest.raises(ConfigError):
+        technique_presets("huge")
+
+
 @pytest.mark.parametrize(("kw", "needle"), [
     (dict(presets=["warp"]), "warp"), (dict(presets=[]), "--presets"), (dict(size="huge"), "huge"),
     (dict(budget_flops=0), "budget_flops"), (dict(seeds=0), "seeds"), (dict(bench_modes=["fast"]), "fast"),

@@ -111,3 +111,24 @@ for _size, _dims in SIZES.items():
     register_preset(f"{_size}-altup", lambda d=_dims: _altup(d, "standard"))
     register_preset(f"{_size}-raltup", lambda d=_dims: _altup(d, "recycled"))
     register_preset(f"{_size}-exit", lambda d=_dims: _exit(d))
+
+
+def technique_presets(size: str) -> dict[str, str]:
+    """{technique: preset name} of the decoder variants of ``size``, ``dense`` (the size itself) first.
+
+    A technique is what follows ``<size>-`` in a preset name (``small-mod`` -> ``mod``), in registration order.
+    Encoders (``-bert``, ``-bert-sasp``) are left out: their dense twin is not the decoder ``<size>``, so they are
+    no technique to measure against it. Derived from the registry so that ``condformer compare`` never keeps a
+    second list of techniques that could drift from the presets that exist.
+    """
+    if size not in SIZES:
+        raise ConfigError(f"unknown size '{size}'; choose one of: {', '.join(SIZES)}")
+    # a longer size that extends this one ("gpt2" vs a hypothetical "gpt2-small") owns its own names
+    longer = [s for s in SIZES if s.startswith(f"{size}-")]
+    out = {"dense": size}
+    for name in _PRESETS:
+        if not name.startswith(f"{size}-") or any(name == s or name.startswith(f"{s}-") for s in longer):
+            continue
+        if preset(name).causal:
+            out[name[len(size) + 1:]] = name
+    return out

@@ -15,6 +15,7 @@ importing any technique.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -62,10 +63,7 @@ class ComponentOptions:
         Keys of other components are ignored here; :meth:`ModelConfig.validate
         <condformer.config.ModelConfig.validate>` reports keys no component of the layer understands.
         """
-        mine = {k: v for k, v in options.items() if k in cls.names()}
-        for name, v in mine.items():  # before construction: a dataclass would accept any type
-            _check_value(cls, name, v, where)
-        return cls(**mine).validate(where)
+        return cls(**{k: v for k, v in options.items() if k in cls.names()}).validate(where)
 
     @classmethod
     def of(cls: type[O], spec: Any, where: str = "layers[]") -> O:
@@ -116,7 +114,8 @@ def _check_value(cls: type, name: str, v: Any, where: str) -> None:
             raise ConfigError(f"{where}: {name} must be {_describe(allowed, meta)}, got {v!r}")
 
 
-def _allowed_types(cls: type, name: str) -> tuple[type, ...]:
+@functools.cache
+def _allowed_types(cls: type, name: str) -> tuple[type, ...]:  # resolving the hints is the slow part
     hint = typing.get_type_hints(cls)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return typing.get_args(hint)

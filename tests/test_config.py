@@ -289,3 +289,22 @@ def test_train_config_from_dict_errors(d, needle):
 def test_train_config_int_for_float_is_coerced():
     cfg = TrainConfig.from_dict({"lr": 1, "budget_flops": 10**15, "max_steps": 3})
     assert isinstance(cfg.lr, float) and isinstance(cfg.budget_flops, float) and isinstance(cfg.max_steps, int)
+
+
+def test_save_config_file_is_atomic(tmp_path, monkeypatch):
+    """A write that dies before it completes leaves the previous file whole (never a half-written config)."""
+    import os
+
+    path = tmp_path / "cfg.json"
+    old = ModelConfig(d_model=32, n_heads=2)
+    save_config_file(path, old)
+    before = path.read_text()
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_config_file(path, ModelConfig(d_model=64, n_heads=4))
+    assert path.read_text() == before
+    assert load_config_file(path)[0] == old.validate()

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from condformer.checkpoint import write_text_atomic
 from condformer.config import ModelConfig, TrainConfig
 from condformer.errors import ConfigError
 from condformer.presets import preset
@@ -50,6 +51,7 @@ def load_config_file(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]
 
 
 def save_config_file(path: str | Path, model: ModelConfig, train: TrainConfig | None = None) -> None:
+    """Write the config as JSON or YAML (by suffix), atomically: a kill leaves the old file or the new one."""
     p = Path(path)
     payload: dict[str, Any] = {"model": model.to_dict()}
     if train is not None:
@@ -57,9 +59,9 @@ def save_config_file(path: str | Path, model: ModelConfig, train: TrainConfig | 
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        p.write_text(yaml.safe_dump(payload, sort_keys=False), encoding="utf-8")
+        write_text_atomic(p, yaml.safe_dump(payload, sort_keys=False))
     else:
-        p.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(p, json.dumps(payload, indent=2) + "\n")
 
 
 def _yaml_loader() -> type:

@@ -33,14 +33,15 @@ EXITS = ("none", "confidence")
 AXES = (BLOCKS.names(), ROUTERS.names(), FFNS.names(), tuple(STREAMS), EXITS)
 
 
-def _config(block: str, router: str, ffn: str, stream: str, exits: str, **exit_kw) -> ModelConfig:
+def _config(block: str, router: str, ffn: str, stream: str, exits: str, fields: dict | None = None,
+            **exit_kw) -> ModelConfig:
     spec = LayerSpec(block=block, router=router, ffn=ffn,
                      options={**ROUTER_OPTIONS.get(router, {}), **FFN_OPTIONS.get(ffn, {})})
     altup = STREAMS[stream]
     return ModelConfig(vocab_size=V, max_seq_len=48, d_model=D, n_layers=L, n_heads=2, d_ff=32,
                        layers=[LayerSpec(block=block), spec], altup=altup,
                        tie_embeddings=altup is None or altup.variant == "standard",
-                       exits=None if exits == "none" else ExitConfig(layers=[0, 1, 2], **exit_kw))
+                       exits=None if exits == "none" else ExitConfig(layers=[0, 1, 2], **exit_kw), **(fields or {}))
 
 
 def _perturbed(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
@@ -93,8 +94,8 @@ def _greedy_checked(model: torch.nn.Module, prompt: list[int], n: int) -> list[i
 GRID = list(itertools.product(*AXES))
 
 
-def _check(combo: tuple[str, ...]) -> None:
-    cfg = _config(*combo)
+def _check(combo: tuple[str, ...], fields: dict | None = None) -> None:
+    cfg = _config(*combo, fields=fields)
     model = _perturbed(cfg)
     x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
     # training: one step, finite gradients that reach every layer's parameters
@@ -117,6 +118,29 @@ def _check(combo: tuple[str, ...]) -> None:
 @pytest.mark.parametrize("combo", GRID, ids=["-".join(c) for c in GRID])
 def test_every_combination_trains_and_decodes(combo):
     _check(combo)
+
+
+# what pretrained families need (condformer.hf) is ordinary config: it composes with every technique too
+GQA = {"n_kv_heads": 1, "head_dim": 12, "qk_norm": True, "qkv_bias": True, "attn_out_bias": True,
+       "rope_scaling": {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8}}
+GPT2_LIKE = {"positions": "learned", "mlp": "gelu_tanh", "norm": "layernorm"}
+FIELD_GRID = ([("gqa", c) for c in itertools.product(("preln", "parallel"), ROUTERS.names(), FFNS.names(),
+                                                       ("plain", "altup"), EXITS)]
+              + [("gpt2", c) for c in itertools.product(BLOCKS.names(), ROUTERS.names(), FFNS.names(), ("plain",),
+                                                        EXITS)])
+
+
+@pytest.mark.parametrize(("fields", "combo"), FIELD_GRID, ids=[f"{f}-{'-'.join(c)}" for f, c in FIELD_GRID])
+def test_pretrained_attention_fields_compose(fields, combo):
+    """Grouped-query attention with q/k norms, biases, a head width != d / heads and llama3 RoPE scaling, or
+    GPT-2's learned positions: every block with keys and values, every router, FFN, stream and exit decoder."""
+    _check(combo, GQA if fields == "gqa" else GPT2_LIKE)
+
+
+def test_gpt2_biases_compose_with_dense_ffns():
+    _check(("parallel", "mod", "mlp", "plain", "confidence"), {**GPT2_LIKE, "qkv_bias": True, "attn_out_bias": True,
+                                                               "mlp_bias": True})
 
 
 def test_the_grid_covers_every_registered_component():

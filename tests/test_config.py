@@ -79,7 +79,7 @@ def test_bare_model_mapping_is_accepted(tmp_path):
     path.write_text(json.dumps({"d_model": 64, "n_heads": 4, "layers": ["dense"]}))
     model, train = load_config_file(path)
     assert train is None
-    assert (model.d_model, model.n_heads, model.head_dim) == (64, 4, 16)
+    assert (model.d_model, model.n_heads, model.head_size) == (64, 4, 16)
     assert model.layers == [LayerSpec(router="dense")]
 
 

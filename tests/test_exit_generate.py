@@ -325,7 +325,7 @@ def test_append_kv_equals_the_layers_cached_keys_and_values(block, router, padde
     for p in layer.parameters():
         p.add_(0.3 * torch.randn_like(p))
     B, T0, T = 2, 4, 7
-    caches = [KVCache(1, B, cfg.n_heads, cfg.head_dim, 32, dtype=torch.float64) for _ in range(2)]
+    caches = [KVCache(1, B, cfg.n_heads, cfg.head_size, 32, dtype=torch.float64) for _ in range(2)]
     x0, x = torch.randn(B, T0, 32, dtype=torch.float64), torch.randn(B, T, 32, dtype=torch.float64)
     pos0 = torch.arange(T0).expand(B, T0)
     pos = torch.arange(T0, T0 + T).expand(B, T)

@@ -130,7 +130,15 @@ def test_config_refusals_come_from_the_table():
     _raises_table_text(_cfg(altup=AltUpConfig(variant="recycled", output="concat")).validate,
                        "altup_concat_recycled")
     _raises_table_text(_cfg(altup=AltUpConfig(output="mean")).validate, "altup_tied_narrow_head", output="mean")
+    sas = LayerSpec(block="sas")
+    _raises_table_text(_cfg(layers=[sas], n_kv_heads=1).validate, "shaped_attention_heads", where="layers[0]",
+                       block="sas", what="n_kv_heads")
+    _raises_table_text(_cfg(layers=[LayerSpec(block="sasp")], head_dim=4, qk_norm=True).validate,
+                       "shaped_attention_heads", where="layers[0]", block="sasp", what="head_dim, qk_norm")
+    _raises_table_text(_cfg(layers=[LayerSpec(ffn="moe")], mlp_bias=True).validate, "moe_mlp_bias",
+                       where="layers[0]")
     # what the reasons point to instead builds
+    build_model(_cfg(layers=[LayerSpec(block="parallel")], n_kv_heads=1, head_dim=4, qk_norm=True))
     build_model(_cfg(altup=AltUpConfig(output="mean"), tie_embeddings=False))
     build_model(_cfg(altup=AltUpConfig(variant="recycled", output="sum"), exits=ExitConfig(training="mixed")))
 

@@ -67,4 +67,4 @@ class KVCache:
         cfg = model.cfg
         p = next(model.parameters())
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return cls(cfg.n_layers, batch, cfg.n_heads, cfg.head_dim, capacity, p.device, dtype)
+        return cls(cfg.n_layers, batch, cfg.kv_heads, cfg.head_size, capacity, p.device, dtype)

@@ -63,7 +63,8 @@ def _aligned_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
     """Per exit: confidence, target log-likelihood and argmax of every token, all layers computed."""
     exits, heads = model.exits, model.exit_heads()
     record = RecordExits(exits.exit_of_layer, model.stream.readout, previous=exits.spec.confidence == "cosine")
-    model.run(model.enter(x), model.context(x), policy=record)
+    ctx = model.context(x)
+    model.run(model.enter(x, ctx.positions_BT), ctx, policy=record)
     conf, ll, pred = [], [], []
     for k, r in enumerate(record.readouts):
         logits = heads.logits(k, r)

@@ -21,8 +21,13 @@ from condformer.refusals import refuse
 from condformer.registry import BLOCKS, FFNS, ROUTERS
 
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
 KINDS = ("decoder", "encoder")
+POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = {  # type -> the keys it needs (each a number); see condformer.layers.rotary
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 AXES = ("block", "router", "ffn")
@@ -239,11 +244,20 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int | None = None  # None: 4*d for gelu, 8/3*d rounded up to a multiple of 64 for swiglu
-    mlp: str = "gelu"
+    mlp: str = "gelu"  # "gelu" (exact), "gelu_tanh" (GPT-2's tanh approximation) or "swiglu"
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     tie_embeddings: bool = True
+    # attention and positions beyond the defaults: what pretrained families need (condformer.hf maps them)
+    n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads; 1: multi-query)
+    head_dim: int | None = None  # width of one head (None: d_model / n_heads); n_heads * head_dim may differ from d
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2, GPT-2)
+    attn_out_bias: bool = False  # a bias on the attention's output projection (GPT-2)
+    mlp_bias: bool = False  # biases on the MLP's projections (GPT-2)
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys before rotary (Qwen3)
+    rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"llama3", ...} (ROPE_SCALINGS); None: plain
+    positions: str = "rope"  # "rope" (rotary at every attention) or "learned" (absolute embeddings, GPT-2)
     init_std: float = 0.02
     layers: list[LayerSpec] = field(default_factory=lambda: [LayerSpec()])
     altup: AltUpConfig | None = None  # None: the ordinary d-wide residual stream
@@ -258,8 +272,19 @@ class ModelConfig:
 
     # -- derived -----------------------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """The width of one attention head: ``head_dim`` when set, else d_model / n_heads."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads`` when set, else one per query head."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of the attention's concatenated heads (queries and output projection input)."""
+        return self.n_heads * self.head_size
 
     @property
     def ffn_dim(self) -> int:
@@ -299,13 +324,22 @@ class ModelConfig:
         _choice(self.kind, KINDS, "kind")
         _choice(self.mlp, MLPS, "mlp")
         _choice(self.norm, NORMS, "norm")
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
-                f"try n_heads={_divisor_near(self.d_model, self.n_heads)}"
+                f"try n_heads={_divisor_near(self.d_model, self.n_heads)} or set head_dim"
             )
-        if self.head_dim % 2:
-            raise ConfigError(f"head_dim = d_model/n_heads must be even for rotary embeddings, got {self.head_dim}")
+        if self.head_dim is not None and not (isinstance(self.head_dim, int) and self.head_dim >= 1):
+            raise ConfigError(f"head_dim must be a positive integer or null (d_model / n_heads), got {self.head_dim!r}")
+        if self.positions == "rope" and self.head_size % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_size}")
+        kv = self.n_kv_heads
+        if kv is not None and not (isinstance(kv, int) and not isinstance(kv, bool) and kv >= 1
+                                   and self.n_heads % kv == 0):
+            raise ConfigError(f"n_kv_heads must be a positive integer that divides n_heads ({self.n_heads}) or null "
+                              f"(one per head), got {kv!r}")
+        _choice(self.positions, POSITIONS, "positions")
+        _check_rope_scaling(self.rope_scaling)
         if self.d_ff is not None and self.d_ff < 1:
             raise ConfigError(f"d_ff must be a positive integer or null, got {self.d_ff}")
         if not (self.init_std > 0 and self.norm_eps > 0 and self.rope_base > 1):
@@ -421,6 +455,26 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return _from_dict(cls, d, "train")
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    """RoPE scaling is null or one of ROPE_SCALINGS with exactly its keys, each a positive number."""
+    if scaling is None:
+        return
+    kind = scaling.get("type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"rope_scaling must be null or a mapping with type {' or '.join(map(repr, ROPE_SCALINGS))}, "
+                          f"got {scaling!r}")
+    need = ROPE_SCALINGS[kind]
+    given = set(scaling) - {"type"}
+    if given != set(need):
+        raise ConfigError(f"rope_scaling of type '{kind}' takes exactly {list(need)}, got {sorted(given)}")
+    for key in need:
+        v = scaling[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"rope_scaling.{key} must be a number > 0, got {v!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ConfigError("rope_scaling: llama3's high_freq_factor must exceed its low_freq_factor")
 
 
 def _finite(obj: Any, section: str) -> None:

@@ -94,6 +94,10 @@ class Transformer(nn.Module):
         self.cfg = cfg.validate()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        # absolute positions (GPT-2) are added to the embedding; rotary ones live in each attention
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.embed_dim) if cfg.positions == "learned" else None
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=cfg.init_std)
         self.layers = nn.ModuleList(build_layer(cfg, i) for i in range(cfg.n_layers))
         # the residual stream: AltUp's K d-wide blocks around the same layers, or the dense stream (no weights)
         self.altup = AltUp(cfg) if cfg.altup is not None else None
@@ -130,9 +134,17 @@ class Transformer(nn.Module):
 
     _context = context  # the name tools used before the context builder was public
 
-    def enter(self, tokens_BT: torch.Tensor) -> Any:
-        """The embedded tokens as the residual stream's initial state."""
-        return self.stream.enter(self.embed(tokens_BT))
+    def enter(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor | None = None) -> Any:
+        """The embedded tokens (plus learned position embeddings, if any) as the residual stream's initial state.
+
+        ``positions_BT``: each token's position (the context's; default 0..T-1), read only by learned positions.
+        """
+        x = self.embed(tokens_BT)
+        if self.pos_embed is not None:
+            if positions_BT is None:
+                positions_BT = torch.arange(tokens_BT.shape[1], device=tokens_BT.device).expand_as(tokens_BT)
+            x = x + self.pos_embed(positions_BT.clamp(min=0))
+        return self.stream.enter(x)
 
     def run(self, state: Any, ctx: Context, layers: Iterable[int] | None = None,
             policy: DepthPolicy = FULL_DEPTH) -> Any:
@@ -232,7 +244,7 @@ class Transformer(nn.Module):
         ``exit_depth_BT`` (models with exits): the number of layers each token computes, fixed by the caller.
         """
         ctx = self.context(tokens_BT, positions_BT, valid_BT, cache, trace=trace)
-        state = self.enter(tokens_BT)
+        state = self.enter(tokens_BT, ctx.positions_BT)
         tally = ctx.tally
         if self.exits is not None:
             r = exit_forward(self, state, ctx, targets_BT, exit_depth_BT)

@@ -37,7 +37,14 @@ REFUSED: dict[str, str] = {
     "thresholds_with_halting": (
         "exits.thresholds are for confidence exits; with exits.halting set, the halting module decides the depth: "
         "set thresholds to null or halting to 'none'"),
+    "moe_mlp_bias": (
+        "{where}: MoE experts have no biases; set mlp_bias false (a biased dense FFN converts to experts only "
+        "without its biases, which would change the model)"),
     # widths that cannot meet
+    "shaped_attention_heads": (
+        "{where}: a {block} block's shaped attention uses its input as the values (W_V = I), so it needs one "
+        "key/value head per query head and n_heads * head_dim = d_model, with no q/k norm or biases; got {what}: "
+        "use block 'preln' or 'parallel' for such attention"),
     "altup_concat_recycled": (
         "altup.output 'concat' needs variant 'standard' (a recycled embedding is d wide); use output 'mean' or "
         "'sum'"),

@@ -417,7 +417,7 @@ def test_cached_decoding_matches_full_forward_single(name):
         _assert_mod_mixed(model, tokens)
     full = model(tokens).logits
     cache = decode_with_cache(model, tokens, 5, full, atol=1e-10)
-    assert cache.layers[0].k.shape[1:] == (model.cfg.n_heads, 12, model.cfg.head_dim)  # the dense model's cache
+    assert cache.layers[0].k.shape[1:] == (model.cfg.n_heads, 12, model.cfg.head_size)  # the dense model's cache
 
 
 @pytest.mark.parametrize("name", CACHED)

@@ -61,7 +61,7 @@ class ExitDecoder:
         ctx = model.context(tokens_BT, positions_BT, valid_BT, cache)
         halting = self.exits.halting
         first = _FirstReadout(self.stream) if halting is not None and halting.kind == "sequence" else DepthPolicy()
-        state = model.run(model.enter(tokens_BT), ctx, policy=first)
+        state = model.run(model.enter(tokens_BT, ctx.positions_BT), ctx, policy=first)
         if isinstance(first, _FirstReadout):
             r = wide(first.readout)
             if valid_BT is not None:
@@ -91,7 +91,7 @@ class ExitDecoder:
         tokens = tok_B[:, None]
         ctx = model.context(tokens, pos_B1, None, cache)
         policy = _OneRow(self, pos_B1) if tok_B.shape[0] == 1 else _Batched(self, pos_B1)
-        state = model.run(model.enter(tokens), ctx, policy=policy)
+        state = model.run(model.enter(tokens, ctx.positions_BT), ctx, policy=policy)
         return policy.finish(state)[:, 0]
 
     def flush(self, i: int, lctx: Context) -> None:

@@ -134,7 +134,7 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
         """One token through the first E layers (its keys and values cached there); its stream state."""
         t = torch.tensor([[token]], dtype=torch.long, device=device)
         ctx = model.context(t, torch.tensor([[p]], device=device), None, cache)
-        return model.run(model.enter(t), ctx, layers=range(E))
+        return model.run(model.enter(t, ctx.positions_BT), ctx, layers=range(E))
 
     while True:
         K = min(draft_tokens, cfg.max_new_tokens - len(new) - 1)  # more drafts than tokens left is waste

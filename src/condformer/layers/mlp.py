@@ -1,4 +1,5 @@
-"""Feed-forward sub-blocks: GELU MLP and SwiGLU (Shazeer 2020, arXiv 2002.05202)."""
+"""Feed-forward sub-blocks: GELU MLP (exact, or GPT-2's tanh approximation) and SwiGLU (Shazeer 2020,
+arXiv 2002.05202)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from condformer.registry import FFNS
 class MLP(nn.Module):
     """``down(act(up(x)))``; with ``mlp="swiglu"``: ``down(silu(gate(x)) * up(x))``.
 
+    SwiGLU's gate and up projections are one matrix (gate rows first): one matmul instead of two.
+    ``mlp_bias`` adds biases to every projection (GPT-2); ``mlp="gelu_tanh"`` is GPT-2's GELU.
+
     The down projection is initialised with std / sqrt(2 * n_layers) (GPT-2): each layer adds two
     residual branches, and this keeps the residual stream's variance independent of depth.
     """
@@ -24,10 +28,14 @@ class MLP(nn.Module):
         super().__init__()
         d, f = cfg.d_model, cfg.ffn_dim
         self.swiglu = cfg.mlp == "swiglu"
-        self.up = nn.Linear(d, 2 * f if self.swiglu else f, bias=False)
-        self.down = nn.Linear(f, d, bias=False)
+        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
+        self.up = nn.Linear(d, 2 * f if self.swiglu else f, bias=cfg.mlp_bias)
+        self.down = nn.Linear(f, d, bias=cfg.mlp_bias)
         nn.init.normal_(self.up.weight, std=cfg.init_std)
         nn.init.normal_(self.down.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        for bias in (self.up.bias, self.down.bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
 
     def forward(self, x_BTD: torch.Tensor, ctx: object = None) -> torch.Tensor:
         h = self.up(x_BTD)
@@ -35,7 +43,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.down(h)
 
     @staticmethod

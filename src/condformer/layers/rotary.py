@@ -3,27 +3,53 @@
 Angles are computed from each token's *original* position, never from its index in the tensor, so a
 subset of tokens (a Mixture-of-Depths selection, a cached decode step, a left-padded prompt) keeps the
 same relative distances as in the full sequence.
+
+Pretrained models stretch the frequencies to reach longer contexts than they were trained on; two schemes
+are supported exactly (``ModelConfig.rope_scaling``): ``linear`` (position interpolation, Chen et al. 2023:
+every frequency divided by ``factor``) and ``llama3`` (Llama 3.1: long wavelengths divided by ``factor``,
+short ones kept, the band between interpolated smoothly).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from torch import nn
 
 
+def inv_frequencies(head_dim: int, base: float, scaling: dict[str, Any] | None = None,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """The rotation frequency of each channel pair, float64, after ``scaling`` (None: plain RoPE)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    # llama3: by wavelength relative to the original context length
+    old_len = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, interpolated, out)
+
+
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.head_dim, self.base = head_dim, base
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
+        self.register_buffer("inv_freq", inv_frequencies(head_dim, base, scaling).float(), persistent=False)
 
     def forward(self, x_BHTd: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
         """Rotate channel pairs (i, i + d/2) of ``x`` by ``position * inv_freq[i]``."""
         inv_freq = self.inv_freq
         if x_BHTd.dtype == torch.float64:  # the buffer holds float32-rounded frequencies; recompute them exactly
-            inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64,
-                                                   device=x_BHTd.device) / self.head_dim)
+            inv_freq = inv_frequencies(self.head_dim, self.base, self.scaling, x_BHTd.device)
         angles_BTh = positions_BT.to(inv_freq.dtype)[..., None] * inv_freq
         cos = angles_BTh.cos()[:, None].to(x_BHTd.dtype)  # (B, 1, T, d/2)
         sin = angles_BTh.sin()[:, None].to(x_BHTd.dtype)

@@ -52,7 +52,7 @@ class ShapedAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, value_matrix: bool = False) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_size
         d = cfg.d_model
         # Optional W_V = I + W with W zero-initialised (the official SAS/SAS-P configuration uses it in the
         # first layer only): still the identity at init, but it lets attention write what it gathers into
@@ -68,7 +68,7 @@ class ShapedAttention(nn.Module):
         self.alpha = nn.Parameter(torch.ones(shape))
         self.beta = nn.Parameter(torch.ones(shape))
         self.gamma = nn.Parameter(torch.ones(shape))
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_size, cfg.rope_base, cfg.rope_scaling) if cfg.positions == "rope" else None
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context, gain: torch.Tensor | None = None) -> torch.Tensor:
         """Shaped attention of ``x``, times ``gain`` (a scalar such as the block's beta_SA) if given.
@@ -85,8 +85,9 @@ class ShapedAttention(nn.Module):
             x_BTD = x_BTD + self.value(x_BTD)
         x_BTHd = x_BTD.view(B, T, H, d).to(q.dtype)
         v = x_BTHd.transpose(1, 2)  # W_V = I: head h's values are the h-th slice of the input
-        q = self.rotary(q, ctx.positions_BT)
-        k = self.rotary(k, ctx.positions_BT)
+        if self.rotary is not None:
+            q = self.rotary(q, ctx.positions_BT)
+            k = self.rotary(k, ctx.positions_BT)
         alpha, beta, gamma = (g.view(1, 1, H, 1) for g in (self.alpha, self.beta, self.gamma))
         if gain is not None:
             alpha, beta, gamma = alpha * gain, beta * gain, gamma * gain
@@ -105,7 +106,16 @@ class ShapedAttention(nn.Module):
         if self.value is not None:
             x_BTD = x_BTD + self.value(x_BTD)
         v = x_BTD.view(B, T, self.n_heads, self.head_dim).to(k.dtype).transpose(1, 2)
-        ctx.kv.append(self.rotary(k, ctx.positions_BT), v, ctx.positions_BT, ctx.valid_BT)
+        ctx.kv.append(k if self.rotary is None else self.rotary(k, ctx.positions_BT), v, ctx.positions_BT,
+                      ctx.valid_BT)
+
+    @staticmethod
+    def unsupported(cfg: ModelConfig) -> str | None:
+        """What of the config's attention this module cannot do (None: all of it); see the refusal table."""
+        what = [name for name, bad in (("n_kv_heads", cfg.kv_heads != cfg.n_heads),
+                                       ("head_dim", cfg.attn_dim != cfg.d_model), ("qk_norm", cfg.qk_norm),
+                                       ("qkv_bias", cfg.qkv_bias), ("attn_out_bias", cfg.attn_out_bias)) if bad]
+        return ", ".join(what) or None
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,

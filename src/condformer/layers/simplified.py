@@ -31,6 +31,7 @@ from condformer.layers.attention import SelfAttention
 from condformer.layers.norms import block_norm
 from condformer.layers.shaped_attention import ShapedAttention
 from condformer.options import ComponentOptions
+from condformer.refusals import refuse
 from condformer.registry import BLOCKS, FFNS
 
 
@@ -116,6 +117,12 @@ class _ShapedBlock(nn.Module):
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
         """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""
         self.attn.append_kv(self.norm1(x_BTD), ctx)
+
+    @staticmethod
+    def validate_spec(spec: LayerSpec, cfg: ModelConfig, layer_index: int) -> None:
+        what = ShapedAttention.unsupported(cfg)
+        if what is not None:
+            raise refuse("shaped_attention_heads", where=f"layers[{layer_index}]", block=spec.block, what=what)
 
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, n_queries: int, n_keys: int) -> int:

@@ -90,9 +90,10 @@ _grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_se
 
 class StackedExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, d_expert: int, swiglu: bool, init_std: float,
-                 n_layers: int) -> None:
+                 n_layers: int, approximate: str = "none") -> None:
         super().__init__()
         self.n_experts, self.d_model, self.d_expert, self.swiglu = n_experts, d_model, d_expert, swiglu
+        self.approximate = approximate  # GELU's: "tanh" for GPT-2's approximation
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, (2 if swiglu else 1) * d_expert))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         nn.init.normal_(self.w_up, std=init_std)
@@ -107,7 +108,7 @@ class StackedExperts(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
-        return F.gelu(h)
+        return F.gelu(h, approximate=self.approximate)
 
     @staticmethod
     def _compute_dtype(like: torch.Tensor) -> torch.dtype:

@@ -164,9 +164,11 @@ class MoEFFN(nn.Module):
         self.aux_free_rate = float(o.aux_free_rate)
         d, swiglu = cfg.d_model, cfg.mlp == "swiglu"
         width = cfg.ffn_dim if o.expert_dim is None else o.expert_dim
-        self.bank = StackedExperts(self.n_experts, d, width, swiglu, cfg.init_std, cfg.n_layers)
+        act = "tanh" if cfg.mlp == "gelu_tanh" else "none"  # GELU's approximation (GPT-2's is tanh)
+        self.bank = StackedExperts(self.n_experts, d, width, swiglu, cfg.init_std, cfg.n_layers, act)
         n_shared = int(o.shared_experts)
-        self.shared = StackedExperts(1, d, n_shared * width, swiglu, cfg.init_std, cfg.n_layers) if n_shared else None
+        self.shared = (StackedExperts(1, d, n_shared * width, swiglu, cfg.init_std, cfg.n_layers, act)
+                       if n_shared else None)
         seed = 0x5EED + 7919 * layer_index
         self.router: nn.Module
         if self.kind in ("topk", "switch"):
@@ -373,6 +375,8 @@ class MoEFFN(nn.Module):
     def validate_spec(spec: LayerSpec, cfg: ModelConfig, i: int) -> None:
         """What the options alone cannot decide: routing a decoder may not use (the table in refusals.py)."""
         where, o = f"layers[{i}]", MoE.of(spec, f"layers[{i}]")
+        if cfg.mlp_bias:
+            raise refuse("moe_mlp_bias", where=where)
         if cfg.causal and not o.causal and not o.allow_noncausal:
             what = "expert_choice routing" if o.moe_router == "expert_choice" else "granularity 'sequence'"
             raise refuse("moe_noncausal_in_decoder", where=where, what=what)

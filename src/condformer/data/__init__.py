@@ -6,6 +6,7 @@ tokenizer, tokenise into cached memory-mapped files and return a :class:`TokenDa
 
 from condformer.data.corpus import Corpus, Document, load_corpus
 from condformer.data.dataset import TokenData, prepare_data
+from condformer.data.hf_tokenizer import HFTokenizer
 from condformer.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -22,6 +23,7 @@ __all__ = [
     "Tokenizer",
     "ByteTokenizer",
     "BPETokenizer",
+    "HFTokenizer",
     "build_tokenizer",
     "tokenizer_from_dict",
     "TokenData",

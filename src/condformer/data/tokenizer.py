@@ -265,6 +265,11 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
                 "BPE tokenizer special ids do not match the recorded ones; the checkpoint is corrupt"
             )
         return tokenizer
+    # Kinds defined in other modules (HFTokenizer: kind "hf"), found without importing them, since they import
+    # this module; importing anything under condformer.data loads them through the package's __init__.
+    for subclass in Tokenizer.__subclasses__():
+        if kind is not None and getattr(subclass, "KIND", None) == kind:
+            return subclass.from_dict(d)  # type: ignore[attr-defined]
     raise DataError(
         f"unrecognised tokenizer description (kind={kind!r}); expected a dict from Tokenizer.to_dict()"
     )

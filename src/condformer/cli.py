@@ -73,7 +73,12 @@ def _model_config(args: argparse.Namespace):
 def cmd_flops(args: argparse.Namespace) -> None:
     from condformer.flops import count_flops
 
-    cfg, _ = _model_config(args)
+    if args.preset and Path(args.preset).is_dir():  # a run directory (e.g. one `condformer import` wrote)
+        from condformer.checkpoint import read_checkpoint
+
+        cfg = read_checkpoint(args.preset).model_cfg
+    else:
+        cfg, _ = _model_config(args)
     r = count_flops(cfg, args.seq_len)
     human = (f"{cfg.name}: T={r.seq_len}  forward {r.forward_flops:.4g} FLOPs/seq "
              f"({r.forward_flops_per_token:.4g}/token), train {r.train_flops:.4g} FLOPs/seq, "
@@ -125,9 +130,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_utf8(args.sample, "--sample")
     saved_model, saved_train = _saved_run(Path(args.out)) if args.resume else (None, None)
-    model_cfg, given = (saved_model, None) if args.resume and not (args.preset or args.config) else _model_config(args)
+    if args.init_from is not None and not args.resume:
+        model_cfg, given = _init_model_config(args), None
+    else:
+        model_cfg, given = ((saved_model, None) if args.resume and not (args.preset or args.config)
+                            else _model_config(args))
     # on --resume the saved settings are the base: only what the user set can be reported as ignored
     train_cfg = _train_config(args, saved_train, given) if saved_train else _train_config(args, given)
+    if args.init_from is not None and not args.resume:
+        train_cfg.init_from = str(Path(args.init_from).resolve())
     check_train_inputs(model_cfg, train_cfg, args.sample, args.sample_tokens, args.out)
     with removed_if_unused(args.out):
         result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
@@ -146,6 +157,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         lines.append(f"sample (prompt {args.sample!r}):\n{args.sample}{text}")
         payload["sample"] = text
     _emit(args, "\n".join(lines), payload)
+
+
+def _init_model_config(args: argparse.Namespace):
+    """``train --init-from RUN``: the source run's model (its weights and tokenizer come with it in train())."""
+    from condformer.checkpoint import read_checkpoint
+
+    if args.preset or args.config:
+        raise ConfigError("--init-from takes the model from the run it names; drop --preset/--config")
+    if args.tokenizer:
+        raise ConfigError("--init-from trains with the source run's own tokenizer; drop --tokenizer")
+    return read_checkpoint(args.init_from).model_cfg
 
 
 def _load_for_inference(path: str, eval_routing: str | None = None, exit_threshold: str | None = None):
@@ -383,6 +405,29 @@ def cmd_compare(args: argparse.Namespace) -> None:
     _emit(args, render_summary(results, args.out), results)
 
 
+# -- import / export ----------------------------------------------------------------------------
+def cmd_import(args: argparse.Namespace) -> None:
+    from condformer.hf.importer import import_model
+
+    if not args.json and Path(args.source).is_file():  # a GGUF: transformers dequantises it (~30 s for 135M)
+        print(f"dequantising {args.source} through transformers ...", file=sys.stderr, flush=True)
+    r = import_model(args.source, args.out)
+    lines = [f"imported {r.model_type} from {r.source} ({r.format}): {r.n_layers} layers x {r.d_model}, vocabulary "
+             f"{r.vocab_size:,}, {r.params:,} parameters, in {r.seconds:.1f} s",
+             *(f"note: {n}" for n in r.notes), f"run: {r.out} (eval, generate, bench, inspect, flops; "
+                                                f"train --init-from to fine-tune)"]
+    _emit(args, "\n".join(lines), r.to_dict())
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from condformer.hf.exporter import export_model
+
+    r = export_model(args.run, args.out, args.format)
+    loader = "" if r["format"] == "native" else " after `import condformer.hf.wrapper`"
+    _emit(args, f"exported {r['run']} as {r['architecture']} ({r['format']}) to {r['out']}: "
+                f"transformers.AutoModelForCausalLM.from_pretrained loads it{loader}", r)
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="condformer", description="Conditional-computation Transformers: train, measure, generate.")
@@ -422,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/latest", help="run directory (checkpoints, logs)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the run's saved config")
+    s.add_argument("--init-from", metavar="RUN",
+                   help="fine-tune: start from this run's model, weights and tokenizer (e.g. one `condformer "
+                        "import` wrote); the optimizer and schedule start fresh")
     s.add_argument("--sample", metavar="PROMPT", help="after training, print a sample continuing PROMPT")
     s.add_argument("--sample-tokens", type=POSITIVE_INT, default=200)
     s.add_argument("--no-progress", action="store_true")
@@ -486,6 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("import", help="a Hugging Face model (local directory or .gguf file) as a condformer run")
+    s.add_argument("source", help="a model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file")
+    s.add_argument("--out", required=True, help="the new run directory")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("export", help="a run as a directory transformers loads (native architecture or condformer's)")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("--out", required=True, help="the new model directory")
+    s.add_argument("--format", choices=["auto", "native", "condformer"], default="auto",
+                   help="native: the matching transformers architecture (dense models); condformer: condformer's "
+                        "own transformers type (any model); auto (default): native when possible")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("inspect", help="which tokens each routed layer computed, for one text (PNG heatmap)")
     s.add_argument("checkpoint", help="run directory or checkpoint directory")

@@ -420,6 +420,7 @@ class TrainConfig:
     parallel: str = "ddp"  # how to shard across torchrun processes; "ddp" today
     mlm_probability: float = 0.15  # encoders only
     tensorboard: bool = True
+    init_from: str | None = None  # a run whose model, weights and tokenizer this run starts from (fine-tuning)
 
     def validate(self) -> TrainConfig:
         _positive(self, "seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",

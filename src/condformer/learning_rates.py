@@ -39,6 +39,11 @@ MoD, MoE and exits want the dense rate; AltUp twice it (better at 4e-3 than at 2
 8e-3)."""
 
 
+FINETUNE_FACTOR = 0.1
+"""A run that starts from trained weights (``init_from``) takes a tenth of the from-scratch rate. Not measured
+here: the usual order of continued pretraining (a from-scratch rate undoes what the model learned). Sweep it."""
+
+
 def techniques(cfg: ModelConfig) -> list[str]:
     """The conditional-computation techniques a config uses (keys of :data:`TECHNIQUE_FACTORS`)."""
     specs = cfg.layer_specs()
@@ -76,4 +81,7 @@ def with_default_lr(train_cfg: TrainConfig, model_cfg: ModelConfig, world: int =
     if train_cfg.lr is not None:
         return train_cfg
     tokens = train_cfg.batch_size * train_cfg.grad_accum * train_cfg.seq_len * world
-    return dataclasses.replace(train_cfg, lr=recommended_lr(model_cfg, tokens))
+    lr = recommended_lr(model_cfg, tokens)
+    if train_cfg.init_from is not None:
+        lr *= FINETUNE_FACTOR
+    return dataclasses.replace(train_cfg, lr=lr)

@@ -53,7 +53,7 @@ from condformer.checkpoint import (
     write_text_atomic,
 )
 from condformer.config import ModelConfig, TrainConfig
-from condformer.data import TokenData, prepare_data
+from condformer.data import TokenData, prepare_data, tokenizer_from_dict
 from condformer.errors import ConfigError, TrainingError
 from condformer.flops import count_flops
 from condformer.learning_rates import with_default_lr
@@ -359,29 +359,48 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
             _warn(f"--resume continues '{out}' with its saved settings; ignored: {', '.join(ignored)}")
         model_cfg, cfg = ck.model_cfg, ck.train_cfg or cfg
 
+    init = None  # the run a fine-tuning run starts from (its weights, on a fresh start only)
+    tokenizer: Any = cfg.tokenizer
+    if cfg.init_from is not None:
+        init = read_checkpoint(cfg.init_from) if ck is None else None
+        if ck is None:
+            model_cfg = init.model_cfg
+        # the model's own tokenizer: the source run's on a fresh start, this run's saved copy on a resume
+        # (so a resume does not need the source run any more)
+        saved = (init or ck).state.get("tokenizer")
+        if saved is not None:
+            tokenizer = tokenizer_from_dict(saved)
     if data is None:
         # rank 0 tokenises (and trains a BPE) first; the others then load its cached files, so every
         # rank sees identical tokens
         if rank == 0:
-            data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction)
+            data = prepare_data(cfg.data, tokenizer, cfg.val_fraction)
         if world > 1:
             dist.barrier()
         if rank != 0:
-            data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction)
-    if model_cfg.vocab_size != data.tokenizer.vocab_size:
+            data = prepare_data(cfg.data, tokenizer, cfg.val_fraction)
+    if cfg.init_from is not None:  # a pretrained vocabulary may be padded past its tokenizer: keep the model's
+        cfg = dataclasses.replace(cfg, tokenizer=data.tokenizer.name)  # what the run's config.json names
+        if data.tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {data.tokenizer.vocab_size} tokens, more than the vocabulary of "
+                              f"the model in '{cfg.init_from}' ({model_cfg.vocab_size})")
+    elif model_cfg.vocab_size != data.tokenizer.vocab_size:
         model_cfg.vocab_size = data.tokenizer.vocab_size  # the tokenizer decides the vocabulary
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}; "
                           f"lower --seq-len or raise max_seq_len in the config")
     model_cfg.validate()
     total_steps, flops_per_step = plan_steps(model_cfg, cfg, world)
-    if ck is not None:
-        check_weights_fit(ck, model_cfg)  # before allocating: a config asking for a huge model is refused
+    if ck is not None or init is not None:
+        check_weights_fit(ck or init, model_cfg)  # before allocating: a config asking for a huge model is refused
 
     torch.manual_seed(cfg.seed)
     raw_model: Transformer = build_model(model_cfg).to(device)
     optimizer = make_optimizer(raw_model, cfg)
     start_step = 0
+    if init is not None:  # fine-tuning: the source run's weights, a fresh optimizer and schedule
+        load_weights(init, raw_model)
+        raw_model.to(device)
     if ck is not None:
         load_weights(ck, raw_model)
         raw_model.to(device)

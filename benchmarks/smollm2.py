@@ -9,7 +9,8 @@ Measures (run it alone: the other process's threads would share the 2 cores):
   GGUF, on held-out windows of the default corpus (the Python standard library) tokenised with SmolLM2's own
   tokenizer, and the validation loss of both on the same windows (nats/token);
 - greedy decoding: tokens/s of condformer's ``generate`` vs transformers' ``generate`` on the same prompts at
-  batch 1, alternating A/B per prompt, the paired ratio's median, and whether the tokens are identical;
+  batch 1 (time per call: prefill of the prompt plus the new tokens), alternating A/B per prompt, at each
+  prompt length, the paired ratio's median, and whether the tokens are identical;
 - prefill: tokens/s of one forward pass over a prompt, condformer vs transformers, paired the same way.
 """
 
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, default=None)
     p.add_argument("--rounds", type=int, default=5, help="prompts timed (each: condformer and transformers)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of 256 tokens for logits and loss")
     p.add_argument("--json", type=Path, default=None)
@@ -87,28 +88,30 @@ def main() -> None:
     result["val_loss_transformers"] = statistics.fmean(theirs_loss)
     result["val_tokens"] = 256 * args.eval_windows
 
-    # greedy decoding, alternating per prompt
+    # greedy decoding, alternating per prompt, at each prompt length
     n = args.new_tokens
-    ours_tps, theirs_tps, ratios, same = [], [], [], []
     sampling = SamplingConfig(max_new_tokens=n, greedy=True)
-    for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
-        prompt, _ = data.get_batch("val", 100 + r, 1, args.prompt_tokens, seed=99)
-        with torch.no_grad():
-            t_ours, ours = timed(lambda prompt=prompt: generate(model, [prompt[0].tolist()], sampling)[0])
-            t_theirs, theirs = timed(lambda prompt=prompt: hf.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, pad_token_id=tok.pad_id)[0, prompt.shape[1]:].tolist())
-        if r == 0:
-            continue
-        ours_tps.append(n / t_ours)
-        theirs_tps.append(n / t_theirs)
-        ratios.append(t_theirs / t_ours)
-        same.append(ours == theirs)
-    result["decode"] = {"batch": 1, "prompt_tokens": args.prompt_tokens, "new_tokens": n, "rounds": args.rounds,
-                        "condformer_tok_s": statistics.median(ours_tps),
-                        "transformers_tok_s": statistics.median(theirs_tps),
-                        "speed_ratio_median": statistics.median(ratios), "speed_ratios": ratios,
-                        "identical_greedy": all(same), "identical_prompts": sum(same)}
+    result["decode"] = []
+    for length in args.prompt_tokens:
+        ours_tps, theirs_tps, ratios, same = [], [], [], []
+        for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
+            prompt, _ = data.get_batch("val", 100 + r, 1, length, seed=99)
+            with torch.no_grad():
+                t_ours, ours = timed(lambda prompt=prompt: generate(model, [prompt[0].tolist()], sampling)[0])
+                t_theirs, theirs = timed(lambda prompt=prompt: hf.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=tok.pad_id)[0, prompt.shape[1]:].tolist())
+            if r == 0:
+                continue
+            ours_tps.append(n / t_ours)
+            theirs_tps.append(n / t_theirs)
+            ratios.append(t_theirs / t_ours)
+            same.append(ours == theirs)
+        result["decode"].append({"batch": 1, "prompt_tokens": length, "new_tokens": n, "rounds": args.rounds,
+                                 "condformer_tok_s": statistics.median(ours_tps),
+                                 "transformers_tok_s": statistics.median(theirs_tps),
+                                 "speed_ratio_median": statistics.median(ratios), "speed_ratios": ratios,
+                                 "identical_greedy": all(same), "identical_prompts": sum(same)})
 
     # prefill: one forward over a long prompt
     ours_t, theirs_t = [], []

@@ -180,3 +180,22 @@ def test_tally_is_fresh_per_forward(tiny_cfg):
     first = model(tokens).aux_loss.item()
     second = model(tokens).aux_loss.item()
     assert second == pytest.approx(first, rel=1e-6)  # not accumulated across calls
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-mod", "tiny-exit"])
+def test_last_only_gives_the_last_positions_logits(preset_name):
+    """Prefill asks for the last position only: the same numbers as the full forward's last row."""
+    from condformer.presets import preset
+
+    cfg = preset(preset_name)
+    cfg.d_model, cfg.n_heads, cfg.n_layers = 32, 2, 2
+    cfg.exits = cfg.exits and type(cfg.exits)(layers=[0])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        full, last = model(x).logits, model(x, last_only=True).logits
+    assert last.shape == (2, 1, cfg.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="last_only"):
+        model(x, x, last_only=True)

@@ -35,8 +35,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from condformer.config import ModelConfig, TrainConfig
 from condformer.errors import CheckpointError, ConfigError, TrainingError
+from condformer.run_layout import MODEL_FILE, STATE_FILE, _complete, _step_of, resolve_checkpoint  # noqa: F401
 
-MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+OPTIM_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"  # torch's generator states: random training draws continue exactly on resume
 
 
@@ -78,16 +79,6 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = val
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _complete(d: Path) -> bool:
-    """Whether ``d`` is a whole checkpoint: ``state.json`` is written last (atomically), after the weights."""
-    return (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file()
-
-
-def _step_of(d: Path) -> int | None:
-    digits = d.name.rsplit("-", 1)[-1]
-    return int(digits) if d.name.rsplit("-", 1)[0] in ("step", ".old-step") and digits.isdigit() else None
 
 
 def _discard(d: Path) -> None:
@@ -152,26 +143,6 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         if old != final:
             _discard(old)
     return final
-
-
-def resolve_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint directory from a run directory or a checkpoint directory itself.
-
-    A run's ``latest`` when it names a complete checkpoint; otherwise (a save killed midway) the newest
-    complete ``step-*``, or the aside copy ``.old-step-*`` of a re-save when it is the only whole one.
-    """
-    p = Path(path)
-    if (p / STATE_FILE).is_file():
-        return p
-    root = p / "checkpoints"
-    latest = root / "latest"
-    if latest.is_file():
-        name = latest.read_text(encoding="utf-8").strip()
-        if name.startswith("step-") and _complete(root / name):
-            return root / name
-    found = [(step, d.name.startswith("step-"), d) for d in (root.glob("*step-*") if root.is_dir() else [])
-             if (step := _step_of(d)) is not None and _complete(d)]
-    return max(found)[2] if found else None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -399,7 +399,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets else None
     modes = [m.strip() for m in args.bench_modes.split(",") if m.strip()] if args.bench_modes else None
     cfg = StudyConfig.from_budget(budget, presets=presets, size=args.size, budget_flops=args.budget_flops,
-                                  data=args.data, seeds=args.seeds, seq_len=args.seq_len,
+                                  data=args.data, tokenizer=args.tokenizer, seeds=args.seeds, seq_len=args.seq_len,
                                   batch_size=args.batch_size, bench_modes=modes, device=args.device, lr=args.lr)
     results = run_study(cfg, args.out, progress=not args.no_progress)
     _emit(args, render_summary(results, args.out), results)
@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--data", help="stdlib | PATH (file, directory or glob) | hf:NAME[:SPLIT:COLUMN] | "
                                   "synthetic:mixed-difficulty")
-    s.add_argument("--tokenizer", help="byte (default) | bpe | bpe:VOCAB")
+    s.add_argument("--tokenizer", help="byte (default) | bpe | bpe:VOCAB | run:RUN (the tokenizer of a run, e.g. "
+                                       "an imported model's)")
     s.add_argument("--max-steps", type=int)  # TrainConfig.validate: > 0
     s.add_argument("--budget-flops", type=POSITIVE, help="stop at this many training FLOPs (analytic)")
     s.add_argument("--budget-tokens", type=POSITIVE_INT)
@@ -574,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-flops", type=POSITIVE, help="training FLOPs per run (overrides the budget preset)")
     s.add_argument("--size", help="model size of the techniques: tiny, small, medium, gpt2-small")
     s.add_argument("--data", help="stdlib (default) | synthetic:mixed-difficulty | PATH | hf:NAME")
+    s.add_argument("--tokenizer", help="byte (default) | bpe[:VOCAB] | run:RUN (the tokenizer of a run, e.g. one "
+                                       "`condformer import` wrote)")
     s.add_argument("--seeds", type=POSITIVE_INT, help="runs per preset (error bars when > 1)")
     s.add_argument("--seq-len", type=POSITIVE_INT)
     s.add_argument("--batch-size", type=POSITIVE_INT)

@@ -237,22 +237,30 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         trace: bool = False,
         exit_depth_BT: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> Output:
         """Run the model. ``positions_BT`` defaults to 0..T-1; ``valid_BT`` marks padding as False.
 
         ``trace=True`` also returns per-token traces (routing decisions, ...) in ``Output.traces``.
         ``exit_depth_BT`` (models with exits): the number of layers each token computes, fixed by the caller.
+        ``last_only``: logits of the last position only, (B, 1, V) (a prompt's prefill: the vocabulary projection
+        of every other position is work nobody reads; 49k-token heads make it a real share of a prefill).
         """
+        if last_only and targets_BT is not None:
+            raise ValueError("last_only computes no loss: its logits cover the last position only")
         ctx = self.context(tokens_BT, positions_BT, valid_BT, cache, trace=trace)
         state = self.enter(tokens_BT, ctx.positions_BT)
         tally = ctx.tally
         if self.exits is not None:
             r = exit_forward(self, state, ctx, targets_BT, exit_depth_BT)
+            if last_only:
+                r.logits = r.logits[:, -1:]
             return Output(r.logits, r.loss, tally.total(r.logits), dict(tally.losses), dict(tally.stats),
                           dict(tally.traces), r.objective)
         if exit_depth_BT is not None:
             raise ValueError("exit_depth_BT needs a model with exits (ModelConfig.exits)")
-        logits = self.logits(self.readout(self.run(state, ctx)))
+        readout = self.readout(self.run(state, ctx))
+        logits = self.logits(readout[:, -1:] if last_only else readout)
         return Output(logits, lm_loss(logits, targets_BT), tally.total(logits), dict(tally.losses),
                       dict(tally.stats), dict(tally.traces))
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-from tests.e2e.test_cli import cf, env, last_json  # noqa: F401  (env is a fixture)
+from tests.e2e.test_cli import cf, last_json
 
 pytest.importorskip("transformers")
 from tests.hf.models import hf_config, perturbed, save_model_dir, transformers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return {**os.environ, "CONDFORMER_CACHE": str(tmp_path_factory.mktemp("cache")), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +90,23 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path, env: dict) -> None:
     missing = cf("import", str(tmp_path / "nothing"), "--out", str(tmp_path / "run"), env=env)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "does not exist" in missing.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_new_model_and_a_study_tokenise_with_an_imported_runs_tokenizer(imported, env: dict, code_corpus: Path,
+                                                                          tmp_path: Path) -> None:
+    from condformer.checkpoint import read_checkpoint
+    from condformer.compare.config import StudyConfig
+    from condformer.compare.study import _train_config
+
+    root, *_ = imported
+    kind = f"run:{root / 'run'}"
+    res = last_json(cf("train", "--preset", "tiny", "--tokenizer", kind, "--data", str(code_corpus),
+                       "--max-steps", "1", "--seq-len", "32", "--batch-size", "2", "--out", str(tmp_path / "new"),
+                       "--no-progress", "--json", env=env))
+    assert res["steps"] == 1
+    ck = read_checkpoint(tmp_path / "new")
+    assert ck.state["tokenizer"]["kind"] == "hf" and ck.model_cfg.vocab_size == ck.state["tokenizer"]["vocab_size"]
+    assert _train_config(StudyConfig(tokenizer=kind), 0, 1e-3).tokenizer == kind  # compare --tokenizer reaches train
+    bad = cf("train", "--preset", "tiny", "--tokenizer", f"run:{tmp_path / 'nowhere'}", "--max-steps", "1",
+             "--out", str(tmp_path / "bad"), env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr

@@ -6,13 +6,13 @@ import json
 
 import pytest
 from safetensors.torch import load_file, save_file
+from tests.hf.models import SIZES, hf_config, perturbed, save_model_dir, transformers
 
 from condformer.errors import CheckpointError, ConfigError, DataError
 from condformer.hf import source as source_module
 from condformer.hf.exporter import export_model
 from condformer.hf.importer import import_model
 from helpers import one_line_error
-from tests.hf.models import SIZES, hf_config, perturbed, save_model_dir, transformers
 
 
 @pytest.fixture

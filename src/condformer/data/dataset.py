@@ -29,6 +29,7 @@ from condformer.data.tokenizer import (
     default_cache_dir,
     parse_tokenizer_kind,
     tokenizer_digest,
+    tokenizer_of_run,
 )
 from condformer.errors import DataError
 
@@ -203,6 +204,8 @@ def prepare_data(
     """
     if not isinstance(tokenizer, Tokenizer):
         parse_tokenizer_kind(tokenizer)  # reject a bad --tokenizer before reading a large corpus
+        if tokenizer.startswith("run:"):
+            tokenizer = tokenizer_of_run(tokenizer)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus = load_corpus(spec, val_fraction)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer, corpus, root)

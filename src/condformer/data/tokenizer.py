@@ -38,7 +38,7 @@ DEFAULT_BPE_VOCAB = 8192
 MIN_BPE_VOCAB = 300
 """256 byte tokens + 4 specials leave room for at least 40 merges; fewer makes BPE pointless."""
 
-_VALID_KINDS = "'byte', 'bpe' or 'bpe:N' (N >= 300)"
+_VALID_KINDS = "'byte', 'bpe', 'bpe:N' (N >= 300) or 'run:PATH' (the tokenizer of a run, e.g. an imported model's)"
 
 
 # ------------------------------------------------------------------------------------------- cache helpers
@@ -284,8 +284,9 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 
 
 def parse_tokenizer_kind(kind: str) -> int | None:
-    """Return None for ``byte`` or the requested vocab size for ``bpe`` / ``bpe:N``."""
-    if kind == "byte":
+    """Return None for ``byte`` (and ``run:PATH``, resolved by :func:`build_tokenizer`) or the requested vocab
+    size for ``bpe`` / ``bpe:N``."""
+    if kind == "byte" or (kind.startswith("run:") and len(kind) > len("run:")):
         return None
     if kind == "bpe":
         return DEFAULT_BPE_VOCAB
@@ -308,12 +309,33 @@ def _check_vocab_size(vocab_size: int) -> None:
         )
 
 
+def tokenizer_of_run(kind: str) -> Tokenizer:
+    """``run:PATH``: the tokenizer stored in the current checkpoint of the run at PATH.
+
+    How a study or a new model tokenises exactly as a pretrained model does (``condformer import`` stores the
+    model's own tokenizer in its run), without naming the tokenizer's files.
+    """
+    from condformer.errors import CheckpointError
+    from condformer.run_layout import read_state
+
+    path = kind[len("run:"):]
+    try:
+        saved = read_state(path).get("tokenizer")
+    except CheckpointError as e:
+        raise DataError(f"--tokenizer {kind}: {e}") from None
+    if saved is None:
+        raise DataError(f"--tokenizer {kind}: the run's checkpoint stores no tokenizer")
+    return tokenizer_from_dict(saved)
+
+
 def build_tokenizer(kind: str, corpus: Corpus, cache_dir: Path | None = None) -> Tokenizer:
     """Return the tokenizer named by ``kind``, training BPE on ``corpus``'s train split when needed.
 
     A trained BPE is cached as JSON under ``cache_dir/tokenizers`` keyed by the corpus SHA-256 and the vocab
     size, so a second run (or another DDP rank) loads it instead of spending seconds retraining.
     """
+    if kind.startswith("run:"):
+        return tokenizer_of_run(kind)
     vocab_size = parse_tokenizer_kind(kind)
     if vocab_size is None:
         return ByteTokenizer()

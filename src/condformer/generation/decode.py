@@ -52,7 +52,8 @@ def generate(
     if decoder is not None:
         last = decoder.prefill(tokens, positions, None if bool(valid.all()) else valid, cache)
     else:
-        out = model(tokens, positions_BT=positions, valid_BT=None if bool(valid.all()) else valid, cache=cache)
+        out = model(tokens, positions_BT=positions, valid_BT=None if bool(valid.all()) else valid, cache=cache,
+                    last_only=True)
         last = out.logits[:, -1]
     next_pos = positions[:, -1:] + 1
     new: list[torch.Tensor] = []

@@ -109,7 +109,7 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
     T = len(prompt)
     cache = KVCache.for_model(model, 1, T + cfg.max_new_tokens + draft_tokens + 1)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    tok, _ = _pick(model(ids, cache=cache).logits[:, -1], cfg, generator)
+    tok, _ = _pick(model(ids, cache=cache, last_only=True).logits[:, -1], cfg, generator)
     new: list[int] = []
 
     def emit(tokens: list[int]) -> bool:

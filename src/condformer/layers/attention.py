@@ -67,7 +67,7 @@ class SelfAttention(nn.Module):
         if norm is not None:
             y = norm(y)
         y = y.transpose(1, 2)
-        return y if self.rotary is None else self.rotary(y, ctx.positions_BT)
+        return y if self.rotary is None else self.rotary(y, ctx.positions_BT, ctx.memo)
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x_BTD.shape

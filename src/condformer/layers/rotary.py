@@ -45,13 +45,29 @@ class Rotary(nn.Module):
         self.head_dim, self.base, self.scaling = head_dim, base, scaling
         self.register_buffer("inv_freq", inv_frequencies(head_dim, base, scaling).float(), persistent=False)
 
-    def forward(self, x_BHTd: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
-        """Rotate channel pairs (i, i + d/2) of ``x`` by ``position * inv_freq[i]``."""
+    def cos_sin(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position's angles, (B, 1, T, d/2) in ``dtype``."""
         inv_freq = self.inv_freq
-        if x_BHTd.dtype == torch.float64:  # the buffer holds float32-rounded frequencies; recompute them exactly
-            inv_freq = inv_frequencies(self.head_dim, self.base, self.scaling, x_BHTd.device)
+        if dtype == torch.float64:  # the buffer holds float32-rounded frequencies; recompute them exactly
+            inv_freq = inv_frequencies(self.head_dim, self.base, self.scaling, positions_BT.device)
         angles_BTh = positions_BT.to(inv_freq.dtype)[..., None] * inv_freq
-        cos = angles_BTh.cos()[:, None].to(x_BHTd.dtype)  # (B, 1, T, d/2)
-        sin = angles_BTh.sin()[:, None].to(x_BHTd.dtype)
+        return angles_BTh.cos()[:, None].to(dtype), angles_BTh.sin()[:, None].to(dtype)
+
+    def forward(self, x_BHTd: torch.Tensor, positions_BT: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+        """Rotate channel pairs (i, i + d/2) of ``x`` by ``position * inv_freq[i]``.
+
+        ``memo`` (a forward's :attr:`Context.memo`): the angles of one positions tensor are computed once and
+        reused by every layer with the same rotary settings, for queries and keys alike. Not under
+        torch.compile, whose graph shares them anyway.
+        """
+        if memo is None or torch.compiler.is_compiling():
+            cos, sin = self.cos_sin(positions_BT, x_BHTd.dtype)
+        else:
+            key = ("rotary", id(positions_BT), self.head_dim, self.base, repr(self.scaling), x_BHTd.dtype)
+            hit = memo.get(key)
+            if hit is None or hit[0] is not positions_BT:  # the id of a freed tensor may be reused
+                hit = (positions_BT, *self.cos_sin(positions_BT, x_BHTd.dtype))
+                memo[key] = hit
+            _, cos, sin = hit
         x1, x2 = x_BHTd.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -86,8 +86,8 @@ class ShapedAttention(nn.Module):
         x_BTHd = x_BTD.view(B, T, H, d).to(q.dtype)
         v = x_BTHd.transpose(1, 2)  # W_V = I: head h's values are the h-th slice of the input
         if self.rotary is not None:
-            q = self.rotary(q, ctx.positions_BT)
-            k = self.rotary(k, ctx.positions_BT)
+            q = self.rotary(q, ctx.positions_BT, ctx.memo)
+            k = self.rotary(k, ctx.positions_BT, ctx.memo)
         alpha, beta, gamma = (g.view(1, 1, H, 1) for g in (self.alpha, self.beta, self.gamma))
         if gain is not None:
             alpha, beta, gamma = alpha * gain, beta * gain, gamma * gain
@@ -106,7 +106,7 @@ class ShapedAttention(nn.Module):
         if self.value is not None:
             x_BTD = x_BTD + self.value(x_BTD)
         v = x_BTD.view(B, T, self.n_heads, self.head_dim).to(k.dtype).transpose(1, 2)
-        ctx.kv.append(k if self.rotary is None else self.rotary(k, ctx.positions_BT), v, ctx.positions_BT,
+        ctx.kv.append(k if self.rotary is None else self.rotary(k, ctx.positions_BT, ctx.memo), v, ctx.positions_BT,
                       ctx.valid_BT)
 
     @staticmethod

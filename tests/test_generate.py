@@ -241,3 +241,29 @@ def test_bad_sampling_config(model64, bad):
     cfg = SamplingConfig(**{"max_new_tokens": 3, **bad})
     msg = _one_line_error(lambda: generate(model64, [[1, 2]], cfg))
     assert next(iter(bad)) in msg
+
+
+def test_a_monotonic_cache_skips_the_mask_only_when_nothing_needs_it():
+    """A decoding loop's cache promises every query comes after every entry: one new token then attends
+    without a mask, with the same logits as the masked path; an invalid entry (padding) brings the mask back."""
+    from condformer.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=32)).double().eval()
+    x = torch.randint(0, 64, (1, 12))
+    logits = {}
+    for monotonic in (False, True):
+        cache = KVCache.for_model(model, 1, 12, monotonic=monotonic)
+        assert cache.layers[0].needs_mask is not monotonic
+        with torch.no_grad():
+            model(x[:, :8], cache=cache)
+            logits[monotonic] = torch.cat([model(x[:, t:t + 1], positions_BT=torch.tensor([[t]]), cache=cache).logits
+                                           for t in range(8, 12)], dim=1)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(logits[True], model(x).logits[:, 8:], rtol=1e-10, atol=1e-10)
+    padded = KVCache.for_model(model, 1, 12, monotonic=True)
+    padded.layers[0].append(torch.zeros(1, 2, 1, 8, dtype=torch.float64), torch.zeros(1, 2, 1, 8, dtype=torch.float64),
+                            torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.bool))
+    assert padded.layers[0].needs_mask and not padded.layers[1].needs_mask

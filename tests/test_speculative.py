@@ -168,8 +168,8 @@ def test_cache_after_speculative_decoding_equals_a_prefill_of_the_output(kind):
     caches: list[KVCache] = []
     for_model = KVCache.for_model
 
-    def capture(model_, batch, capacity):
-        cache = for_model(model_, batch, capacity)
+    def capture(model_, batch, capacity, **kw):
+        cache = for_model(model_, batch, capacity, **kw)
         caches.append(cache)
         return cache
 

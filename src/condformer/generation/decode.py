@@ -47,7 +47,7 @@ def generate(
     B, T = tokens.shape
     was_training = model.training
     model.eval()
-    cache = KVCache.for_model(model, B, T + cfg.max_new_tokens)
+    cache = KVCache.for_model(model, B, T + cfg.max_new_tokens, monotonic=True)
     decoder = model.adaptive_decoder()  # early exits with thresholds or halting: each token stops at its exit
     if decoder is not None:
         last = decoder.prefill(tokens, positions, None if bool(valid.all()) else valid, cache)

@@ -107,7 +107,7 @@ def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, 
     exits, N = model.exits, model.cfg.n_layers
     device = next(model.parameters()).device
     T = len(prompt)
-    cache = KVCache.for_model(model, 1, T + cfg.max_new_tokens + draft_tokens + 1)
+    cache = KVCache.for_model(model, 1, T + cfg.max_new_tokens + draft_tokens + 1, monotonic=True)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     tok, _ = _pick(model(ids, cache=cache, last_only=True).logits[:, -1], cfg, generator)
     new: list[int] = []

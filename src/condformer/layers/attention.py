@@ -94,6 +94,8 @@ class SelfAttention(nn.Module):
         gqa = q.shape[1] != k.shape[1]
         if kv is not None:
             k, v, k_pos, k_valid = kv.append(k, v, ctx.positions_BT, ctx.valid_BT)
+            if q.shape[2] == 1 and ctx.valid_BT is None and not kv.needs_mask:  # the next token: sees every entry
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             mask = attention_mask(ctx.positions_BT, k_pos, k_valid, ctx.causal)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         if ctx.contiguous and ctx.valid_BT is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from condformer.errors import DataError
+from condformer.errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
     from condformer.data.corpus import Corpus
@@ -315,7 +315,6 @@ def tokenizer_of_run(kind: str) -> Tokenizer:
     How a study or a new model tokenises exactly as a pretrained model does (``condformer import`` stores the
     model's own tokenizer in its run), without naming the tokenizer's files.
     """
-    from condformer.errors import CheckpointError
     from condformer.run_layout import read_state
 
     path = kind[len("run:"):]

@@ -364,6 +364,6 @@ def native_family(cfg: ModelConfig, prefer: str | None = None) -> tuple[Family, 
         raise ConfigError(f"no transformers architecture computes this model exactly (positions {cfg.positions}, "
                           f"norm {cfg.norm}, mlp {cfg.mlp}); export it with --format condformer")
     fam, t = candidates[0]
-    if prefer in ("mistral", "llama") and t == "llama" and (prefer == "llama" or not cfg.qkv_bias):
-        t = prefer  # a Mistral exports as Mistral again (same computation as a bias-free Llama)
+    if prefer == "mistral" and t == "llama" and not (cfg.qkv_bias or cfg.mlp_bias):
+        t = "mistral"  # an imported Mistral exports as Mistral again (a bias-free Llama computes the same)
     return fam, t

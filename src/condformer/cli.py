@@ -101,7 +101,8 @@ def _train_config(args: argparse.Namespace, base, given=None):
                  "budget_flops": args.budget_flops, "budget_tokens": args.budget_tokens, "seq_len": args.seq_len,
                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
                  "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every, "device": args.device,
-                 "dtype": args.dtype, "warmup_steps": args.warmup_steps, "on_nonfinite": args.on_nonfinite}
+                 "dtype": args.dtype, "warmup_steps": args.warmup_steps, "on_nonfinite": args.on_nonfinite,
+                 "trainable": _trainable_entries(args.train_roles), "lr_new": args.lr_new}
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -110,6 +111,19 @@ def _train_config(args: argparse.Namespace, base, given=None):
     if cfg.max_steps is None and cfg.budget_tokens is None and cfg.budget_flops is None:
         cfg.max_steps = 1000  # a new run with no budget given (a saved run always has its own)
     return cfg.validate()
+
+
+def _trainable_entries(given: list[str] | None) -> list[str] | None:
+    """``--train routers --train 'layers.2*'`` or ``--train routers,exits``: the roles and patterns, checked."""
+    if not given:
+        return None
+    from condformer.trainable import check_entries
+
+    entries = [e.strip() for g in given for e in g.split(",") if e.strip()]
+    if not entries:
+        raise ConfigError("--train needs a role (e.g. routers, exits, new, all) or a parameter-name pattern")
+    check_entries(entries)
+    return entries
 
 
 def _saved_run(out: Path):
@@ -428,6 +442,25 @@ def cmd_export(args: argparse.Namespace) -> None:
                 f"transformers.AutoModelForCausalLM.from_pretrained loads it{loader}", r)
 
 
+CONVERT_OPTIONS = ("head", "layer_dropout", "curriculum", "curriculum_period", "curriculum_steps", "exit_weights",
+                   "capacity", "anneal_steps", "causal_router", "experts", "top_k", "split", "capacity_factor",
+                   "balance_coef")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from condformer.convert import convert_run
+
+    given = {k: getattr(args, k) for k in CONVERT_OPTIONS}
+    r = convert_run(args.run, args.to, args.out, layers=args.layers, seed=args.seed, **given)
+    layers = ",".join(map(str, r.layers))
+    lines = [f"converted {r.source} to {r.technique} on layers {layers}: {r.params_before:,} -> {r.params_after:,} "
+             f"parameters ({r.new_params:,} new), in {r.seconds:.1f} s",
+             f"max |logit difference| from the source on a probe: {r.max_logit_diff_train:.2e} (training mode), "
+             f"{r.max_logit_diff_eval:.2e} (evaluation)", *(f"note: {n}" for n in r.notes),
+             f"run: {r.out} (train --init-from {r.out} [--train ROLE] [--lr-new LR] to fine-tune it)"]
+    _emit(args, "\n".join(lines), r.to_dict())
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="condformer", description="Conditional-computation Transformers: train, measure, generate.")
@@ -471,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-from", metavar="RUN",
                    help="fine-tune: start from this run's model, weights and tokenizer (e.g. one `condformer "
                         "import` wrote); the optimizer and schedule start fresh")
+    s.add_argument("--train", dest="train_roles", action="append", metavar="ROLE|PATTERN",
+                   help="train only these parameters, the rest frozen (repeat or comma-separate): a role (all, new, "
+                        "routers, exits, experts, attention, ffn, norms, embeddings, head) or a glob over parameter "
+                        "names such as 'layers.1*.router.*'")
+    s.add_argument("--lr-new", type=POSITIVE, metavar="LR",
+                   help="peak rate of the parameters `condformer convert` added (default: --lr); same schedule")
     s.add_argument("--sample", metavar="PROMPT", help="after training, print a sample continuing PROMPT")
     s.add_argument("--sample-tokens", type=POSITIVE_INT, default=200)
     s.add_argument("--no-progress", action="store_true")
@@ -550,6 +589,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "own transformers type (any model); auto (default): native when possible")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("convert", help="add exits, MoD routers or MoE experts to a run (e.g. an imported model), "
+                                       "keeping its function where the technique allows")
+    s.add_argument("run", help="run directory or checkpoint directory (e.g. one `condformer import` wrote)")
+    s.add_argument("--to", required=True, choices=["exits", "mod", "moe"], help="the technique to add")
+    s.add_argument("--out", required=True, help="the new run directory")
+    s.add_argument("--layers", metavar="SPEC",
+                   help="the layers to convert: all, odd, even, every:N or indices/ranges like 1,3,8-11 (default: "
+                        "every layer for exits and moe, odd layers for mod)")
+    g = s.add_argument_group("--to exits (LayerSkip)")
+    g.add_argument("--head", choices=["shared", "separate"], help="exits share the LM head (default) or copy it")
+    g.add_argument("--layer-dropout", type=finite(0, 1), metavar="P", help="LayerSkip's p_max in training (0.1)")
+    g.add_argument("--curriculum", choices=["none", "rotating", "gradual"],
+                   help="which exits a training step computes (default rotating)")
+    g.add_argument("--curriculum-period", type=POSITIVE_INT, help="rotating: every Nth exit per step (default 4)")
+    g.add_argument("--curriculum-steps", type=POSITIVE_INT, help="gradual: steps until every exit is on")
+    g.add_argument("--exit-weights", choices=["uniform", "increasing"], help="exit loss weights (default increasing)")
+    g = s.add_argument_group("--to mod (router tuning)")
+    g.add_argument("--capacity", type=float, metavar="C", help="share of tokens a routed layer computes, in (0, 1] "
+                                                              "(default 0.5)")
+    g.add_argument("--anneal-steps", type=NONNEG_INT, help="steps over which capacity goes from 1 to C (default 100)")
+    g.add_argument("--causal-router", choices=["predictor", "aux"], help="inference's decision (default predictor)")
+    g = s.add_argument_group("--to moe (sparse upcycling)")
+    g.add_argument("--experts", type=POSITIVE_INT, help="experts per layer (default 8)")
+    g.add_argument("--top-k", type=POSITIVE_INT, help="experts per token (default 2)")
+    g.add_argument("--split", type=POSITIVE_INT, metavar="G", help="finer experts: each 1/G of the FFN (default 1)")
+    g.add_argument("--capacity-factor", type=POSITIVE, help="slots per expert in training (default: dropless)")
+    g.add_argument("--balance-coef", type=NONNEG, help="Switch balance-loss weight (default 0.01)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the new parameters' random part (an MoE router)")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("inspect", help="which tokens each routed layer computed, for one text (PNG heatmap)")
     s.add_argument("checkpoint", help="run directory or checkpoint directory")

@@ -146,6 +146,10 @@ class ExitConfig:
         ``mixed`` (``mixed_samples`` random exit sequences per batch, exited states copied upward).
     weights: ``uniform``, ``increasing`` (w_n = the exit's depth) or one number per exit.
     layer_dropout: LayerSkip's p_max: in training, a sample skips layer l with p_max (2^(l/(L-1)) - 1).
+    curriculum: which early exits aligned training computes at a step (LayerSkip's curricula; the last layer's
+        exit always): ``none`` (all), ``rotating`` (exit k at steps with k = step mod ``curriculum_period``:
+        a 1/period share of the vocabulary projections) or ``gradual`` (enabled one by one from the deepest
+        to the shallowest over ``curriculum_steps`` steps). The step count is saved with the weights.
     halting: ``none`` (confidence exits), ``sequence`` (DAT's sequence depth from the mean first-layer state,
         pooled causally: token t's from the mean over 0..t, so nothing sees later tokens), ``token`` (a depth
         per token from its first-layer state) or ``geometric`` (a halting probability at every exit; stop at
@@ -166,6 +170,9 @@ class ExitConfig:
     weights: str | list[float] = "uniform"
     mixed_samples: int = 1
     layer_dropout: float = 0.0
+    curriculum: str = "none"
+    curriculum_period: int = 2
+    curriculum_steps: int = 0
     halting: str = "none"
     oracle: str = "likelihood"
     oracle_lambda: float = 0.0
@@ -200,6 +207,18 @@ class ExitConfig:
             raise ConfigError(f"exits.mixed_samples must be an integer >= 1, got {self.mixed_samples!r}")
         if not 0 <= self.layer_dropout < 1:
             raise ConfigError(f"exits.layer_dropout (LayerSkip's p_max) must be in [0, 1), got {self.layer_dropout}")
+        _choice(self.curriculum, CURRICULA, "exits.curriculum")
+        for name in ("curriculum_period", "curriculum_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "curriculum_period" else 0):
+                raise ConfigError(f"exits.{name} must be an integer >= {1 if name == 'curriculum_period' else 0}, "
+                                  f"got {v!r}")
+        if self.curriculum == "gradual" and self.curriculum_steps < 1:
+            raise ConfigError("exits.curriculum 'gradual' needs curriculum_steps >= 1 (the steps over which the "
+                              "exits are enabled)")
+        if self.curriculum != "none" and self.training != "aligned":
+            raise ConfigError(f"exits.curriculum '{self.curriculum}' chooses exits of aligned training; set "
+                              f"exits.training to 'aligned' or the curriculum to 'none'")
         _choice(self.halting, ("none", "sequence", "token", "geometric"), "exits.halting")
         _choice(self.oracle, ("likelihood", "smoothed", "correctness", "smoothed_correctness"), "exits.oracle")
         if not (self.oracle_lambda >= 0 and self.oracle_sigma > 0 and self.halting_alpha >= 0):  # NaN fails too
@@ -223,6 +242,7 @@ class ExitConfig:
             raise refuse("exits_in_encoder")
 
 
+CURRICULA = ("none", "rotating", "gradual")
 ALTUP_VARIANTS = ("standard", "recycled")
 ALTUP_OUTPUTS = ("auto", "concat", "mean", "sum")
 
@@ -421,6 +441,8 @@ class TrainConfig:
     mlm_probability: float = 0.15  # encoders only
     tensorboard: bool = True
     init_from: str | None = None  # a run whose model, weights and tokenizer this run starts from (fine-tuning)
+    trainable: list[str] | None = None  # roles / name patterns of the parameters to train (None: all; trainable.py)
+    lr_new: float | None = None  # peak rate of the parameters a conversion added (None: lr); same schedule
 
     def validate(self) -> TrainConfig:
         _positive(self, "seq_len", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every",
@@ -443,6 +465,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0 when set, got {v}")
         if self.max_steps is None and self.budget_tokens is None and self.budget_flops is None:
             raise ConfigError("no training budget: set max_steps, budget_tokens or budget_flops")
+        if self.lr_new is not None and (isinstance(self.lr_new, bool) or not isinstance(self.lr_new, (int, float))
+                                        or not self.lr_new > 0):
+            raise ConfigError(f"lr_new must be a number > 0, or null for lr; got {self.lr_new!r}")
+        if self.trainable is not None and (not self.trainable or not all(isinstance(t, str) and t.strip()
+                                                                         for t in self.trainable)):
+            raise ConfigError(f"trainable must list roles or parameter-name patterns (e.g. ['routers']), or be null "
+                              f"to train everything; got {self.trainable!r}")
         _choice(self.on_nonfinite, ("stop", "skip"), "on_nonfinite")
         _choice(self.dtype, ("auto", "fp32", "bf16"), "dtype")
         _choice(self.parallel, ("ddp",), "parallel")

@@ -58,7 +58,8 @@ from condformer.errors import ConfigError, TrainingError
 from condformer.flops import count_flops
 from condformer.learning_rates import with_default_lr
 from condformer.model import IGNORE_INDEX, Transformer, build_model
-from condformer.optim import before_optimizer_step, lr_at, make_optimizer
+from condformer.optim import before_optimizer_step, lr_at, make_optimizer, set_lr
+from condformer.trainable import apply_trainable
 
 
 @dataclass
@@ -396,7 +397,12 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
 
     torch.manual_seed(cfg.seed)
     raw_model: Transformer = build_model(model_cfg).to(device)
-    optimizer = make_optimizer(raw_model, cfg)
+    # the parameters a conversion added (``condformer convert``): role ``new`` and their own rate (lr_new)
+    new_params = frozenset((ck or init).state.get("new_parameters", ()) if (ck or init) is not None else ())
+    n_trained, n_params = apply_trainable(raw_model, cfg.trainable, new_params)
+    if is_main and cfg.trainable is not None and progress:
+        _warn(f"training {n_trained:,} of {n_params:,} parameters ({', '.join(cfg.trainable)}); the rest are frozen")
+    optimizer = make_optimizer(raw_model, cfg, new_params)
     start_step = 0
     if init is not None:  # fine-tuning: the source run's weights, a fresh optimizer and schedule
         load_weights(init, raw_model)
@@ -411,7 +417,10 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(raw_model, device_ids=[device] if device.startswith("cuda") else None)
+        # an exit curriculum leaves some exits' parameters out of a step's graph
+        unused = model_cfg.exits is not None and model_cfg.exits.curriculum != "none"
+        model = DistributedDataParallel(raw_model, device_ids=[device] if device.startswith("cuda") else None,
+                                        find_unused_parameters=unused)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -427,6 +436,8 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         if is_main and step != saved_step:
             extra = {"tokenizer": data.tokenizer.to_dict(), "data": data.fingerprint,
                      "skipped_steps": skipped_before + skipped}
+            if new_params:
+                extra["new_parameters"] = sorted(new_params)
             save_checkpoint(out, step, raw_model, optimizer, extra, model_cfg, cfg, cfg.keep_checkpoints)
         saved_step = step
 
@@ -454,6 +465,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         logger.log({**row, "tokens_per_s": throughput, **last_stats})
         row, logged_time, logged_step = None, train_time, done
 
+    trained = [p for p in raw_model.parameters() if p.requires_grad]
     model.train()
     with _deferred_interrupt(announce=is_main) as check_interrupt:
         try:
@@ -464,8 +476,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
                 check_interrupt()  # a Ctrl-C is taken here, where weights, step and log agree
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(cfg.grad_accum):
                     x, y = make_batch(data, model_cfg, cfg, "train", step * cfg.grad_accum + micro, rank, world)
@@ -479,7 +490,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
                         stat_acc[k] = stat_acc.get(k, 0) + (v.float() if isinstance(v, torch.Tensor) else v)
                     n_acc += 1
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
                 loss_avg = _all_mean(loss_sum, world)
                 done = step + 1
                 if not bool(torch.isfinite(loss_avg) & torch.isfinite(grad_norm)):  # one host sync per step

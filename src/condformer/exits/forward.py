@@ -54,17 +54,20 @@ def _dropout(model: Any) -> LayerDropout:
 def _aligned(model: Any, state: Any, ctx: Context, targets_BT: torch.Tensor | None) -> ExitResult:
     """Every token runs every layer; the objective is the weighted mean of every exit's loss."""
     exits, heads = model.exits, model.exit_heads()
-    record = RecordExits(exits.exit_of_layer, model.stream.readout, dropout=_dropout(model))
+    # a curriculum computes only some exits this step (each costs a vocabulary projection); halting needs all
+    active = exits.training_exits() if model.training and exits.halting is None else list(range(exits.n_exits))
+    record = RecordExits({exits.exit_layers[k]: k for k in active}, model.stream.readout, dropout=_dropout(model))
     model.run(state, ctx, policy=record)
-    logits = [heads.logits(k, r) for k, r in enumerate(record.readouts)]
+    logits = [heads.logits(k, r) for k, r in zip(active, record.readouts, strict=True)]
     if targets_BT is None:
         return ExitResult(logits[-1], None)
     # a list, not a stacked tensor: returning views of one tensor as loss and statistics breaks compile
     losses = [lm_loss(lg, targets_BT) for lg in logits]
-    for k, layer in enumerate(exits.exit_layers):
-        ctx.tally.stat(layer, "exit_loss", losses[k])
-    w = exits.weights.to(losses[0].dtype)
-    objective = sum(w[k] * loss for k, loss in enumerate(losses)) / w.sum()
+    if len(active) == exits.n_exits:  # a curriculum's partial steps would bias the logged per-exit means
+        for k, layer in enumerate(exits.exit_layers):
+            ctx.tally.stat(layer, "exit_loss", losses[k])
+    w = exits.weights.to(losses[0].dtype)[active]
+    objective = sum(w[j] * loss for j, loss in enumerate(losses)) / w.sum()
     if exits.halting is not None:
         exits.halting_loss(record.first, record.readouts, logits, targets_BT, ctx)
     return ExitResult(logits[-1], losses[-1], objective)

@@ -47,6 +47,7 @@ from condformer.errors import CondformerError
 from condformer.exits.halting import Halting, confidence, oracle_exits
 from condformer.layers.norms import make_norm
 from condformer.losses import IGNORE_INDEX, target_log_likelihood
+from condformer.step_counter import StepCounter
 
 
 class EarlyExit(nn.Module):
@@ -81,6 +82,25 @@ class EarlyExit(nn.Module):
         # the inference policy; ``set_thresholds`` overrides the config's thresholds at run time
         self.thresholds: list[float | None] | None = (
             None if e.thresholds is None else [None if t is None else float(t) for t in e.thresholds])
+        # the curriculum's clock: registered only with a curriculum, so older checkpoints keep their key set
+        self.clock = StepCounter() if e.curriculum != "none" else None
+
+    def training_exits(self) -> list[int]:
+        """The exits aligned training computes at this step (LayerSkip's curricula): always the last one.
+
+        ``rotating``: exit k when k = step mod period. ``gradual``: the deepest ceil(n s / S) early exits at step
+        s of S (one more every S / n steps), all of them from step S on.
+        """
+        early = list(range(self.last))
+        if self.clock is None:
+            return [*early, self.last]
+        step, e = int(self.clock), self.spec
+        if e.curriculum == "rotating":
+            chosen = [k for k in early if k % e.curriculum_period == step % e.curriculum_period]
+        else:
+            n_on = -(-len(early) * min(step + 1, e.curriculum_steps) // e.curriculum_steps)
+            chosen = early[len(early) - n_on:]
+        return [*chosen, self.last]
 
     @property
     def n_exits(self) -> int:

@@ -8,7 +8,7 @@ Training (and ``eval_routing="topk"``)::
     idx_BK = top-k(r_BT) per sequence      k = max(1, floor(c * T)): static shape, exact load
              sorted by position            (causal order kept; rotary at original positions)
     d_BKD  = block(x[idx_BK])              attention only among the K chosen tokens
-    x'     = x + scatter(g(r) * d_BKD)     g = sigmoid or identity; unchosen tokens pass unchanged
+    x'     = x + scatter(g(r) * d_BKD)     g = sigmoid, 2 sigmoid or identity; unchosen tokens pass unchanged
 
 The block returns its residual-free update, so the residual is neither scaled by the router weight nor
 counted twice. Top-k over a sequence is not causal (whether token t is chosen depends on later tokens), so
@@ -24,6 +24,12 @@ In causal mode the number of routed tokens is data-dependent; we read its per-ro
 sync per routed layer), gather that many tokens per row (routed ones first) and mark the fillers
 invalid, so attention ignores them, they add nothing to the residual, and in a KV cache they are stored
 as invalid entries. A decode step whose token skips the layer runs nothing and caches nothing.
+
+**Router tuning of a pretrained model** (``condformer convert --to mod``) needs two more things. The
+``2sigmoid`` weighting, g = 2 sigmoid(r), is exactly 1 where the router is zero (the sigmoid weighting halves
+every routed update at init, which damages a model that was trained without it), and ``anneal_steps`` lowers
+the capacity linearly from 1 (every token, the pretrained model) to ``capacity`` over that many optimiser
+steps, so the router learns its choice while the model still computes every token.
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ from condformer.errors import ConfigError
 from condformer.options import ComponentOptions, option
 from condformer.refusals import refuse
 from condformer.registry import ROUTERS
+from condformer.step_counter import StepCounter, linear_ramp
 
-WEIGHTINGS = ("sigmoid", "raw")
+WEIGHTINGS = ("sigmoid", "2sigmoid", "raw")
 CAUSAL_ROUTERS = ("predictor", "aux", "none")
 EVAL_ROUTINGS = ("causal", "topk")
 
@@ -58,6 +65,8 @@ class MoD(ComponentOptions):
         router input; ``aux``: BCE on the router's own logits; ``none``: top-k only, no generation).
     eval_routing: ``causal`` (the per-token decision, for evaluation and generation) or ``topk``.
     aux_coef / predictor_coef: weights of the two BCE losses. predictor_hidden: the predictor's width.
+    anneal_steps: training capacity goes linearly from 1 to ``capacity`` over this many optimiser steps (0: off);
+        the step count is saved with the weights, so a resumed run continues the ramp exactly.
     """
 
     axis: ClassVar[str] = "router"
@@ -70,6 +79,7 @@ class MoD(ComponentOptions):
     aux_coef: float = option(0.1, ge=0)
     predictor_coef: float = option(1.0, ge=0)
     predictor_hidden: int | None = option(None, ge=1, null="d_model // 4")
+    anneal_steps: int = option(0, ge=0)
 
     def check(self, where: str) -> None:
         if self.causal_router == "none" and self.eval_routing == "causal":
@@ -121,6 +131,9 @@ class MoDRouter(nn.Module):
         self.eval_routing = o.eval_routing
         self.aux_coef = float(o.aux_coef)
         self.predictor_coef = float(o.predictor_coef)
+        self.anneal_steps = int(o.anneal_steps)
+        # registered only when annealing, so checkpoints of models without it keep their exact key set
+        self.anneal = StepCounter() if self.anneal_steps > 0 else None
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
         nn.init.normal_(self.router.weight, std=cfg.init_std)
         self.predictor: nn.Module | None = None
@@ -143,7 +156,15 @@ class MoDRouter(nn.Module):
         return r_BT
 
     def gate(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(r) if self.weighting == "sigmoid" else r
+        if self.weighting == "sigmoid":
+            return torch.sigmoid(r)
+        return 2 * torch.sigmoid(r) if self.weighting == "2sigmoid" else r
+
+    def training_capacity(self) -> float:
+        """The capacity top-k routing uses now: ``capacity``, or the annealing ramp's value at this step."""
+        if self.anneal is None:
+            return self.capacity
+        return linear_ramp(1.0, self.capacity, int(self.anneal), self.anneal_steps)
 
     def use_topk(self) -> bool:
         return self.training or self.eval_routing == "topk"
@@ -170,7 +191,8 @@ class MoDRouter(nn.Module):
 
     def _forward_topk(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        k = capacity_tokens(self.capacity, T)
+        c = self.training_capacity()
+        k = capacity_tokens(c, T)
         score_BT = r_BT if ctx.valid_BT is None else r_BT.masked_fill(~ctx.valid_BT, float("-inf"))
         idx_BK = score_BT.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         # a row with fewer real tokens than k fills its slots with padding: those are never routed (weight 0,
@@ -180,6 +202,8 @@ class MoDRouter(nn.Module):
         if self.training:
             self._learn_causal_decision(x_BTD, r_BT, routed_BT, ctx)
         ctx.tally.trace(ctx.layer, "mod_routed", routed_BT)
+        if self.anneal is not None:
+            ctx.tally.stat(ctx.layer, "mod_capacity", c)
         if keep_BK is None:
             ctx.tally.stat(ctx.layer, "mod_routed_frac", k / T)
         else:
@@ -258,7 +282,8 @@ class MoDRouter(nn.Module):
     # -- config and cost ---------------------------------------------------------------------
     @staticmethod
     def flops(cfg: ModelConfig, spec: LayerSpec, seq_len: int, block_flops) -> int:
-        """Forward FLOPs at capacity: the block on k tokens (attention k x k), router and predictor on all T."""
+        """Forward FLOPs at the target capacity: the block on k tokens (attention k x k), router and predictor on all
+        T. An annealing ramp's steps cost more than this (their capacity is above the target)."""
         o = MoD.of(spec)
         k = capacity_tokens(float(o.capacity), seq_len)
         d = cfg.d_model

@@ -1,7 +1,8 @@
 """``--to mod``: router tuning, Mixture-of-Depths routers added to chosen layers of a pretrained model.
 
-Each chosen layer gets a router whose weight starts at zero under the ``2sigmoid`` weighting
-(g = 2 sigmoid(r) = 1 at r = 0), so a routed token's update is exactly the pretrained layer's; training
+Each chosen layer gets a router whose weight starts at zero under the ``2sigmoid`` weighting (g = 2 sigmoid(r)
+= 1 at r = 0), reading the RMS-normalised state (a pretrained residual stream's own scale would otherwise set
+the router's effective learning rate), so a routed token's update is exactly the pretrained layer's; training
 capacity is annealed from 1 (every token: the pretrained model) to the target, so the router learns which
 tokens matter before any is skipped; the causal predictor (inference's per-token decision) starts by routing
 every token (its output layer zero, its bias positive) and learns top-k membership alongside. At conversion
@@ -37,7 +38,8 @@ def configure(cfg: ModelConfig, layers: list[int], o: dict[str, Any]) -> tuple[M
             raise ConfigError(f"layer {i} already has the router '{specs[i].router}'; choose --layers without it")
         specs[i] = LayerSpec(block=specs[i].block, router="mod", ffn=specs[i].ffn,
                              options={**specs[i].options, "capacity": float(c), "weighting": "2sigmoid",
-                                      "causal_router": o["causal_router"], "anneal_steps": int(o["anneal_steps"])})
+                                      "causal_router": o["causal_router"], "anneal_steps": int(o["anneal_steps"]),
+                                      "router_input": "normed"})
     notes = []
     if o["causal_router"] == "aux":
         notes.append("causal_router 'aux': inference routes a token when its router logit is > 0, and the "

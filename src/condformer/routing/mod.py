@@ -53,6 +53,7 @@ from condformer.step_counter import StepCounter, linear_ramp
 WEIGHTINGS = ("sigmoid", "2sigmoid", "raw")
 CAUSAL_ROUTERS = ("predictor", "aux", "none")
 EVAL_ROUTINGS = ("causal", "topk")
+ROUTER_INPUTS = ("raw", "normed")
 
 
 @dataclass
@@ -67,6 +68,11 @@ class MoD(ComponentOptions):
     aux_coef / predictor_coef: weights of the two BCE losses. predictor_hidden: the predictor's width.
     anneal_steps: training capacity goes linearly from 1 to ``capacity`` over this many optimiser steps (0: off);
         the step count is saved with the weights, so a resumed run continues the ramp exactly.
+    router_input: what the router and the predictor read: ``raw`` (the residual stream) or ``normed`` (divided by
+        its RMS, no gain). A pretrained model's residual stream has a scale of its own (large, and growing with
+        depth), and a router's logit moves by about lr x |x|_1 per Adam step, so on raw states a router rate is
+        tied to that scale (a rate of 1e-3 swung SmolLM2's gates across their range in one step); ``normed``
+        makes it the same at every layer of every model.
     """
 
     axis: ClassVar[str] = "router"
@@ -80,6 +86,7 @@ class MoD(ComponentOptions):
     predictor_coef: float = option(1.0, ge=0)
     predictor_hidden: int | None = option(None, ge=1, null="d_model // 4")
     anneal_steps: int = option(0, ge=0)
+    router_input: str = option("raw", choices=ROUTER_INPUTS)
 
     def check(self, where: str) -> None:
         if self.causal_router == "none" and self.eval_routing == "causal":
@@ -132,6 +139,8 @@ class MoDRouter(nn.Module):
         self.aux_coef = float(o.aux_coef)
         self.predictor_coef = float(o.predictor_coef)
         self.anneal_steps = int(o.anneal_steps)
+        self.router_input = o.router_input
+        self.norm_eps = cfg.norm_eps
         # registered only when annealing, so checkpoints of models without it keep their exact key set
         self.anneal = StepCounter() if self.anneal_steps > 0 else None
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
@@ -142,16 +151,22 @@ class MoDRouter(nn.Module):
             self.predictor = nn.Sequential(nn.Linear(cfg.d_model, h), nn.SiLU(), nn.Linear(h, 1))
 
     # -- routing scores ----------------------------------------------------------------------
+    def _read(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """What the router and the predictor read: x, or x / rms(x) (``router_input: normed``)."""
+        if self.router_input == "raw":
+            return x_BTD
+        return x_BTD * torch.rsqrt(x_BTD.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
+
     def router_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """r = w . x in float32 or wider (outside autocast: top-k and the BCE are sensitive to bf16 rounding)."""
         dtype = torch.promote_types(x_BTD.dtype, torch.float32)
         with torch.autocast(x_BTD.device.type, enabled=False):
-            return F.linear(x_BTD.to(dtype), self.router.weight.to(dtype)).squeeze(-1)
+            return F.linear(self._read(x_BTD.to(dtype)), self.router.weight.to(dtype)).squeeze(-1)
 
     def causal_logits(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
         """The per-token logit whose sign is the causal decision (depends on x_t only)."""
         if self.predictor is not None:
-            logit_BT = self.predictor(x_BTD.detach()).squeeze(-1)
+            logit_BT = self.predictor(self._read(x_BTD.detach())).squeeze(-1)
             return logit_BT.to(torch.promote_types(logit_BT.dtype, torch.float32))
         return r_BT
 

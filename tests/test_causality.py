@@ -41,6 +41,8 @@ CASES: dict[str, tuple[dict, bool]] = {
     "mod_predictor": (dict(layers=_layers(LayerSpec(), ROUTED)), False),
     "mod_aux": (dict(layers=_layers(LayerSpec(), LayerSpec(router="mod", options={**MOD, "causal_router": "aux"}))),
                 False),
+    "mod_converted": (dict(layers=_layers(LayerSpec(), LayerSpec(router="mod", options={
+        **MOD, "weighting": "2sigmoid", "router_input": "normed", "anneal_steps": 10}))), False),
     "mod_sasp": (dict(layers=_layers(LayerSpec(block="sasp", router="mod", options=MOD))), False),
     **{f"moe_{name}": (dict(layers=_layers(LayerSpec(), LayerSpec(ffn="moe", options={**MOE, **opts}))), False)
        for name, opts in {

@@ -87,7 +87,7 @@ def test_defaults_are_not_written_and_parse_back_to_the_defaults():
     ({"capacity": 1.5}, "layers[0]: capacity must be a number > 0 and <= 1, got 1.5"),
     ({"capacity": "half"}, "layers[0]: capacity must be a number > 0 and <= 1, got 'half'"),
     ({"capacity": float("nan")}, "layers[0]: capacity must be a number > 0 and <= 1, got nan"),
-    ({"weighting": "tanh"}, "layers[0]: unknown weighting 'tanh'; choose one of: sigmoid, raw"),
+    ({"weighting": "tanh"}, "layers[0]: unknown weighting 'tanh'; choose one of: sigmoid, 2sigmoid, raw"),
     ({"predictor_hidden": 0}, "layers[0]: predictor_hidden must be an integer >= 1, or null for d_model // 4"),
     ({"aux_coef": True}, "layers[0]: aux_coef must be a number >= 0, got True"),
 ])

@@ -400,8 +400,9 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
     # the parameters a conversion added (``condformer convert``): role ``new`` and their own rate (lr_new)
     new_params = frozenset((ck or init).state.get("new_parameters", ()) if (ck or init) is not None else ())
     n_trained, n_params = apply_trainable(raw_model, cfg.trainable, new_params)
-    if is_main and cfg.trainable is not None and progress:
-        _warn(f"training {n_trained:,} of {n_params:,} parameters ({', '.join(cfg.trainable)}); the rest are frozen")
+    if is_main and cfg.trainable is not None:
+        print(f"condformer: training {n_trained:,} of {n_params:,} parameters ({', '.join(cfg.trainable)}); the rest "
+              f"are frozen", file=sys.stderr, flush=True)
     optimizer = make_optimizer(raw_model, cfg, new_params)
     start_step = 0
     if init is not None:  # fine-tuning: the source run's weights, a fresh optimizer and schedule

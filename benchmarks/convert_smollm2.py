@@ -48,12 +48,19 @@ def plan() -> list[dict[str, Any]]:
                                              "curriculum_period": 3, "layer_dropout": 0.1},
          "train": {"lr": LR, "lr_new": LR_NEW}},
     ]
+    # the same exits with a light early-exit loss (the last layer's weight 1, exit at depth d: 0.2 d / 30), so the
+    # shared (tied) head is pulled less towards the early layers
+    light = [round(0.2 * d / 30, 4) for d in range(3, 30, 3)] + [1.0]
+    runs.append({"name": "exits-every3-light", "convert": {**runs[2]["convert"], "exit_weights": light},
+                 "train": {"lr": LR, "lr_new": LR_NEW}, "bracket": True})
     for c in MOD_CAPACITIES:
         conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": 20}
         runs.append({"name": f"mod-{c}-routers", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW,
                                                                            "trainable": ["routers"]}})
     # learning-rate brackets (run last)
     runs.append({"name": "dense-ft-lr3e-4", "convert": None, "train": {"lr": 3e-4}, "bracket": True})
+    runs.append({"name": "moe-8x2-split2-lr3e-4", "convert": runs[1]["convert"], "train": {"lr": 3e-4},
+                 "bracket": True})
     runs.append({"name": "mod-0.5-routers-lr1e-3", "convert": {"technique": "mod", "layers": "odd", "capacity": 0.5,
                                                                "anneal_steps": 20},
                  "train": {"lr": LR, "lr_new": 1e-3, "trainable": ["routers"]}, "bracket": True})

@@ -442,6 +442,15 @@ def cmd_export(args: argparse.Namespace) -> None:
                 f"transformers.AutoModelForCausalLM.from_pretrained loads it{loader}", r)
 
 
+def _exit_weights(text: str) -> str | list[float]:
+    if text in ("uniform", "increasing"):
+        return text
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not uniform, increasing or comma-separated numbers") from None
+
+
 CONVERT_OPTIONS = ("head", "layer_dropout", "curriculum", "curriculum_period", "curriculum_steps", "exit_weights",
                    "capacity", "anneal_steps", "causal_router", "experts", "top_k", "split", "capacity_factor",
                    "balance_coef")
@@ -605,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which exits a training step computes (default rotating)")
     g.add_argument("--curriculum-period", type=POSITIVE_INT, help="rotating: every Nth exit per step (default 4)")
     g.add_argument("--curriculum-steps", type=POSITIVE_INT, help="gradual: steps until every exit is on")
-    g.add_argument("--exit-weights", choices=["uniform", "increasing"], help="exit loss weights (default increasing)")
+    g.add_argument("--exit-weights", type=_exit_weights, metavar="uniform|increasing|W1,W2,...",
+                   help="exit loss weights, the last layer's included (default increasing: each exit's depth)")
     g = s.add_argument_group("--to mod (router tuning)")
     g.add_argument("--capacity", type=float, metavar="C", help="share of tokens a routed layer computes, in (0, 1] "
                                                               "(default 0.5)")

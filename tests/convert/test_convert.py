@@ -183,3 +183,10 @@ def test_converting_twice_the_same_way_is_refused(llama_run, tmp_path):
     assert "already has exits" in one_line_error(lambda: convert_run(tmp_path / "a", "exits", tmp_path / "b"))
     convert_run(llama_run, "moe", tmp_path / "m")
     assert "not an MLP" in one_line_error(lambda: convert_run(tmp_path / "m", "moe", tmp_path / "n"), ConfigError)
+
+
+def test_exit_weights_may_be_listed(llama_run, tmp_path):
+    convert_run(llama_run, "exits", tmp_path / "out", layers="0", exit_weights=[0.2, 1.0])
+    assert read_checkpoint(tmp_path / "out").model_cfg.exits.weights == [0.2, 1.0]
+    msg = one_line_error(lambda: convert_run(llama_run, "exits", tmp_path / "bad", layers="0", exit_weights=[1.0]))
+    assert "exits.weights" in msg and not (tmp_path / "bad").exists()

@@ -5,6 +5,7 @@
     python benchmarks/convert_smollm2.py train --base runs/smol --work runs/convert   # the runs, one at a time
     python benchmarks/convert_smollm2.py speed --base runs/smol --work runs/convert   # alone on the machine
     python benchmarks/convert_smollm2.py plot --work runs/convert                     # figures for RESULTS.md
+    python benchmarks/convert_smollm2.py table --work runs/convert                    # its tables (Markdown)
 
 Every run starts from the same imported weights (``train --init-from``), trains on the default corpus (the Python
 standard library, SmolLM2's own tokenizer) for the same steps at batch 4 x 256 tokens, and is scored on the same
@@ -305,10 +306,53 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"figures in {out}")
 
 
+def cmd_table(args: argparse.Namespace) -> None:
+    """The results as Markdown tables (what RESULTS.md quotes), from WORK/results.json."""
+    results = load_results(args.work)
+    runs, speed = results["runs"], results.get("speed", {})
+    base = results["unconverted"]["val_loss"]
+    dense = runs.get("dense-ft", {}).get("val_loss")
+    n = results["unconverted"]["eval_tokens"]
+    print(f"unconverted: validation loss {base:.4f} ({n:,} held-out tokens)\n")
+    print("| run | trained | steps | tokens | train FLOPs | wall s | tokens/s | val loss | vs unconverted | "
+          "vs dense-ft |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in runs.items():
+        what = ",".join(r["train"].get("trainable") or ["all"])
+        lrs = f"lr {r['train']['lr']:g}" + (f", new {r['train']['lr_new']:g}" if r["train"].get("lr_new") else "")
+        vs_dense = f"{100 * (r['val_loss'] / dense - 1):+.1f}%" if dense else ""
+        print(f"| {name} | {what} ({lrs}) | {r['steps']} | {r['tokens']:,} | {r['train_flops']:.3g} | "
+              f"{r['wall_s']:.0f} | {r['tokens_per_s']:.0f} | {r['val_loss']:.4f} | "
+              f"{100 * (r['val_loss'] / base - 1):+.1f}% | {vs_dense} |")
+    rows = [(n, v) for n, v in speed.items() if n.startswith("prefill/mod-")]
+    if rows:
+        print("\n| MoD run | routed share (causal) | prefill speedup (causal) | range | routed (top-k) | "
+              "prefill speedup (top-k) | val loss |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for n, v in rows:
+            c, t = v["causal"], v["topk"]
+            name = n.split("/", 1)[1]
+            print(f"| {name} | {c['routed_frac']:.3f} | {c['speedup_median']:.3f} | {c['speedup_min']:.2f}-"
+                  f"{c['speedup_max']:.2f} | {t['routed_frac']:.3f} | {t['speedup_median']:.3f} | "
+                  f"{runs[name]['val_loss']:.4f} |")
+    for n, v in speed.items():
+        if n.startswith("speculative/"):
+            print(f"\n{n}: {v['prompts']} prompts of {v['prompt_tokens']} tokens, {v['new_tokens']} new tokens each")
+            print("\n| draft depth E | draft length K | acceptance | speedup (median) | range | identical greedy |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            for r in v["rows"]:
+                print(f"| {r['E']} | {r['K']} | {r['acceptance']:.3f} | {r['speedup_median']:.3f} | "
+                      f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f} | {r['identical_greedy']} |")
+        if n.startswith("prefill/moe-"):
+            loads = v["load_max"]
+            print(f"\n{n}: forward speedup {v['speedup_median']:.3f}; max expert load / balanced per layer: "
+                  f"{min(loads.values()):.2f}-{max(loads.values()):.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "speed", "plot"):
+    for name in ("train", "speed", "plot", "table"):
         s = sub.add_parser(name)
         s.add_argument("--work", type=Path, default=Path("runs/convert"))
         s.add_argument("--base", type=Path, default=Path("runs/smol"))
@@ -325,7 +369,7 @@ def main() -> None:
         s.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6])
         s.add_argument("--figures", type=Path, default=Path("benchmarks"))
     args = p.parse_args()
-    {"train": cmd_train, "speed": cmd_speed, "plot": cmd_plot}[args.cmd](args)
+    {"train": cmd_train, "speed": cmd_speed, "plot": cmd_plot, "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def cmd_speed(args: argparse.Namespace) -> None:
     T = args.prefill_tokens
     x, _ = data.get_batch("val", 500, 1, T, seed=7)
 
-    # MoD: prefill (one forward over a prompt) with inference's causal routing, and with top-k at the capacity
+    # MoD: prefill (one forward over a prompt, projecting only the last position, as generation does) with
+    # inference's causal routing, and with top-k at the capacity
     for name in [n for n in results["runs"] if n.startswith("mod-")]:
         if f"prefill/{name}" in speed or (args.only and name not in args.only.split(",")):
             continue
@@ -176,7 +177,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 out = model(x)
                 fracs = [float(v) for k, v in out.stats.items() if k.endswith("mod_routed_frac")]
-                ta, tb = paired(lambda m=model: m(x), lambda: base(x), args.rounds)
+                ta, tb = paired(lambda m=model: m(x, last_only=True), lambda: base(x, last_only=True), args.rounds)
             ratios = [b / a for a, b in zip(ta, tb, strict=True)]
             row[routing] = {"routed_frac": statistics.fmean(fracs), "speedup_median": statistics.median(ratios),
                             "speedup_min": min(ratios), "speedup_max": max(ratios),
@@ -194,7 +195,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
         _, model, _ = load_for_inference(work / name)
         with torch.no_grad():
             out = model(x)
-            ta, tb = paired(lambda m=model: m(x), lambda: base(x), args.rounds)
+            ta, tb = paired(lambda m=model: m(x, last_only=True), lambda: base(x, last_only=True), args.rounds)
         ratios = [b / a for a, b in zip(ta, tb, strict=True)]
         loads = {k: float(v) for k, v in out.stats.items() if "moe_load_max" in k}
         speed[f"prefill/{name}"] = {"speedup_median": statistics.median(ratios), "load_max": loads}

@@ -85,7 +85,7 @@ def save_results(work: Path, results: dict[str, Any]) -> None:
 def train_config(**overrides: Any):
     from condformer.config import TrainConfig
 
-    base = dict(max_steps=STEPS, batch_size=BATCH, seq_len=SEQ, warmup_steps=WARMUP, eval_every=10**6,
+    base = dict(max_steps=STEPS, batch_size=BATCH, seq_len=SEQ, warmup_steps=WARMUP, eval_every=10**6, log_every=5,
                 eval_batches=EVAL_BATCHES, checkpoint_every=10**6, keep_checkpoints=1, tensorboard=False)
     return TrainConfig(**{**base, **overrides})
 
@@ -290,7 +290,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         fig.tight_layout()
         fig.savefig(out / "convert-smollm2-exits.png", dpi=120)
 
-    names = ["dense-ft", "moe-8x2-split2"]
+    names = ["dense-ft", "dense-ft-lr3e-4", "moe-8x2-split2", "moe-8x2-split2-lr3e-4"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in names:
         if n in runs:

@@ -85,7 +85,7 @@ def save_results(work: Path, results: dict[str, Any]) -> None:
 def train_config(**overrides: Any):
     from condformer.config import TrainConfig
 
-    base = dict(max_steps=STEPS, batch_size=BATCH, seq_len=SEQ, warmup_steps=WARMUP, eval_every=10**6, log_every=5,
+    base = dict(max_steps=STEPS, batch_size=BATCH, seq_len=SEQ, warmup_steps=WARMUP, eval_every=10**6,
                 eval_batches=EVAL_BATCHES, checkpoint_every=10**6, keep_checkpoints=1, tensorboard=False)
     return TrainConfig(**{**base, **overrides})
 

@@ -54,20 +54,23 @@ def plan() -> list[dict[str, Any]]:
     light = [round(0.2 * d / 30, 4) for d in range(3, 30, 3)] + [1.0]
     runs.append({"name": "exits-every3-light", "convert": {**runs[2]["convert"], "exit_weights": light},
                  "train": {"lr": LR, "lr_new": LR_NEW}, "bracket": True})
-    for c in MOD_CAPACITIES:
-        conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": 20}
-        runs.append({"name": f"mod-{c}-routers", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW,
-                                                                           "trainable": ["routers"]}})
+    # MoD with each causal router: "threshold" (convert's default) and "predictor" (measured first: after 30 steps
+    # it still routed every token, so its causal prefill saved nothing)
+    for causal, suffix in (("threshold", "-threshold"), ("predictor", "")):
+        for c in MOD_CAPACITIES:
+            conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": 20, "causal_router": causal}
+            runs.append({"name": f"mod-{c}-routers{suffix}", "convert": conv,
+                         "train": {"lr": LR, "lr_new": LR_NEW, "trainable": ["routers"]}})
+        for c in MOD_FULL_CAPACITIES:
+            conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": 20, "causal_router": causal}
+            runs.append({"name": f"mod-{c}-full{suffix}", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW}})
     # learning-rate brackets (run last)
     runs.append({"name": "dense-ft-lr3e-4", "convert": None, "train": {"lr": 3e-4}, "bracket": True})
     runs.append({"name": "moe-8x2-split2-lr3e-4", "convert": runs[1]["convert"], "train": {"lr": 3e-4},
                  "bracket": True})
     runs.append({"name": "mod-0.5-routers-lr1e-3", "convert": {"technique": "mod", "layers": "odd", "capacity": 0.5,
-                                                               "anneal_steps": 20},
+                                                               "anneal_steps": 20, "causal_router": "predictor"},
                  "train": {"lr": LR, "lr_new": 1e-3, "trainable": ["routers"]}, "bracket": True})
-    for c in MOD_FULL_CAPACITIES:
-        conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": 20}
-        runs.append({"name": f"mod-{c}-full", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW}})
     return sorted(runs, key=lambda r: r.get("bracket", False))
 
 
@@ -258,11 +261,16 @@ def cmd_plot(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, marker in (("routers", "o"), ("full", "s")):
-        pts = [(speed[f"prefill/mod-{c}-{mode}"]["causal"]["speedup_median"], runs[f"mod-{c}-{mode}"]["val_loss"], c)
-               for c in MOD_CAPACITIES if f"prefill/mod-{c}-{mode}" in speed and f"mod-{c}-{mode}" in runs]
+    series = [(mode, suffix, marker) for suffix in ("-threshold", "")
+              for mode, marker in (("routers", "o"), ("full", "s"))]
+    for mode, suffix, marker in series:
+        names = [(f"mod-{c}-{mode}{suffix}", c) for c in MOD_CAPACITIES]
+        pts = [(speed[f"prefill/{n}"]["causal"]["speedup_median"], runs[n]["val_loss"], c)
+               for n, c in names if f"prefill/{n}" in speed and n in runs]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"MoD, {mode} trained")
+            router = "threshold" if suffix else "predictor"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls="-" if suffix else ":",
+                    label=f"MoD ({router}), {mode} trained")
             for sx, sy, c in pts:
                 ax.annotate(f"c={c}", (sx, sy), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(base, color="gray", ls="--", label="unconverted")

@@ -620,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--capacity", type=float, metavar="C", help="share of tokens a routed layer computes, in (0, 1] "
                                                               "(default 0.5)")
     g.add_argument("--anneal-steps", type=NONNEG_INT, help="steps over which capacity goes from 1 to C (default 100)")
-    g.add_argument("--causal-router", choices=["predictor", "aux"], help="inference's decision (default predictor)")
+    g.add_argument("--causal-router", choices=["threshold", "predictor", "aux"],
+                   help="inference's decision (default threshold: the router against its running top-k boundary)")
     g = s.add_argument_group("--to moe (sparse upcycling)")
     g.add_argument("--experts", type=POSITIVE_INT, help="experts per layer (default 8)")
     g.add_argument("--top-k", type=POSITIVE_INT, help="experts per token (default 2)")

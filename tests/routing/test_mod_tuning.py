@@ -71,3 +71,64 @@ def test_step_counter_and_ramp():
     assert int(c) == 1 and int(c.step) == 1
     assert linear_ramp(1.0, 0.5, 0, 10) == 1.0 and linear_ramp(1.0, 0.5, 5, 10) == 0.75
     assert linear_ramp(1.0, 0.5, 50, 10) == 0.5 and linear_ramp(1.0, 0.5, 0, 0) == 0.5
+
+
+def _threshold_model(seed=0, **mod):
+    torch.manual_seed(seed)
+    model = _model(causal_router="threshold", weighting="2sigmoid", router_input="normed", **mod).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_threshold_router_routes_everything_until_it_has_seen_a_boundary():
+    model = _threshold_model(capacity=1.0).eval()
+    layer = model.layers[1]
+    assert layer.threshold.item() == float("-inf") and "layers.1.threshold" in model.state_dict()
+    x = torch.randint(0, 64, (2, 24))
+    assert model(x).stats["layer1/mod_routed_frac"] == 1.0
+    model.train()
+    model(x, x)  # capacity 1: every token chosen, no boundary, the threshold stays -inf
+    assert layer.threshold.item() == float("-inf")
+
+
+def test_threshold_tracks_the_top_k_boundary():
+    model = _threshold_model(capacity=0.25, threshold_momentum=1.0).train()
+    layer = model.layers[1]
+    x = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(1))
+    model(x, x)
+    # the boundary of each row, by hand: midway between the 10th and the 11th largest router logit
+    with torch.no_grad():
+        h = model.embed(x)
+        ctx = model.context(x)
+        h = model.layers[0](h, ctx.for_layer(0))
+        r = layer.router_logits(h).sort(dim=1, descending=True).values
+    want = ((r[:, 9] + r[:, 10]) / 2).mean()
+    torch.testing.assert_close(layer.threshold, want)
+    # on the same text the causal decision routes about the capacity (exactly: each row's top 10 when rows agree)
+    model.eval()
+    frac = model(x).stats["layer1/mod_routed_frac"]
+    assert 0.1 < float(frac) < 0.4
+    # a smaller momentum moves it part of the way
+    slow = _threshold_model(capacity=0.25, threshold_momentum=0.5).train()
+    slow.load_state_dict({**model.state_dict(), "layers.1.threshold": torch.tensor(0.0, dtype=torch.float64)})
+    slow(x, x)
+    torch.testing.assert_close(slow.layers[1].threshold, want / 2)
+
+
+@torch.no_grad()
+def test_threshold_decisions_never_see_later_tokens():
+    model = _threshold_model(capacity=0.5, threshold_momentum=1.0).train()
+    g = torch.Generator().manual_seed(3)
+    model(torch.randint(0, 64, (4, 32), generator=g), None)
+    model.eval()
+    x = torch.randint(0, 64, (2, 32), generator=g)
+    base = model(x).logits
+    changed = x.clone()
+    changed[:, 12:] = torch.randint(0, 64, (2, 20), generator=g)
+    out = model(changed).logits
+    assert (out[:, :12] - base[:, :12]).abs().max() < 1e-12
+    assert (out[:, 12:] - base[:, 12:]).abs().max() > 1e-6
+    routed = model(x, trace=True).traces["layer1/mod_routed"]
+    assert 0 < routed.float().mean() < 1  # the decisions really differ between tokens

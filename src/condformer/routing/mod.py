@@ -19,6 +19,12 @@ of the paper):
 * ``causal_router="aux"``: binary cross-entropy on the router's own logits r against top-k membership;
 * ``causal_router="predictor"``: a small MLP on the stop-gradient router input, trained with the same
   BCE; it cannot disturb the language model.
+* ``causal_router="threshold"``: the router's own logit against a running threshold, the moving average
+  (``threshold_momentum``) of each training batch's top-k boundary (midway between the last chosen and the
+  first unchosen logit of a row). Nothing is learned: the decision follows the router from the first step,
+  which is what router tuning of a pretrained model needs (a predictor trained from a "route everything"
+  start takes thousands of steps to come down to the capacity). Until a batch has had unchosen tokens (at
+  capacity 1) the threshold is -inf: every token is routed.
 
 In causal mode the number of routed tokens is data-dependent; we read its per-row maximum (one host
 sync per routed layer), gather that many tokens per row (routed ones first) and mark the fillers
@@ -51,7 +57,7 @@ from condformer.registry import ROUTERS
 from condformer.step_counter import StepCounter, linear_ramp
 
 WEIGHTINGS = ("sigmoid", "2sigmoid", "raw")
-CAUSAL_ROUTERS = ("predictor", "aux", "none")
+CAUSAL_ROUTERS = ("predictor", "aux", "threshold", "none")
 EVAL_ROUTINGS = ("causal", "topk")
 ROUTER_INPUTS = ("raw", "normed")
 
@@ -65,6 +71,7 @@ class MoD(ComponentOptions):
     causal_router: how the causal decision is learned (``predictor``: a small MLP on the stop-gradient
         router input; ``aux``: BCE on the router's own logits; ``none``: top-k only, no generation).
     eval_routing: ``causal`` (the per-token decision, for evaluation and generation) or ``topk``.
+    threshold_momentum: how far each training batch moves the ``threshold`` causal router's boundary.
     aux_coef / predictor_coef: weights of the two BCE losses. predictor_hidden: the predictor's width.
     anneal_steps: training capacity goes linearly from 1 to ``capacity`` over this many optimiser steps (0: off);
         the step count is saved with the weights, so a resumed run continues the ramp exactly.
@@ -87,6 +94,7 @@ class MoD(ComponentOptions):
     predictor_hidden: int | None = option(None, ge=1, null="d_model // 4")
     anneal_steps: int = option(0, ge=0)
     router_input: str = option("raw", choices=ROUTER_INPUTS)
+    threshold_momentum: float = option(0.2, gt=0, le=1)
 
     def check(self, where: str) -> None:
         if self.causal_router == "none" and self.eval_routing == "causal":
@@ -145,6 +153,9 @@ class MoDRouter(nn.Module):
         self.anneal = StepCounter() if self.anneal_steps > 0 else None
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
         nn.init.normal_(self.router.weight, std=cfg.init_std)
+        self.threshold_momentum = float(o.threshold_momentum)
+        if self.causal_router == "threshold":  # registered only here: other routers' checkpoints keep their keys
+            self.register_buffer("threshold", torch.tensor(float("-inf")))
         self.predictor: nn.Module | None = None
         if self.causal_router == "predictor":
             h = predictor_width(cfg, spec)
@@ -168,6 +179,8 @@ class MoDRouter(nn.Module):
         if self.predictor is not None:
             logit_BT = self.predictor(self._read(x_BTD.detach())).squeeze(-1)
             return logit_BT.to(torch.promote_types(logit_BT.dtype, torch.float32))
+        if self.causal_router == "threshold":
+            return r_BT - self.threshold.to(r_BT.dtype)
         return r_BT
 
     def gate(self, r: torch.Tensor) -> torch.Tensor:
@@ -272,6 +285,9 @@ class MoDRouter(nn.Module):
         """
         if self.causal_router == "none":
             return
+        if self.causal_router == "threshold":
+            self._track_threshold(x_BTD, r_BT, routed_BT, ctx)
+            return
         target_BT = routed_BT.to(r_BT.dtype)
         logit_BT = self.causal_logits(x_BTD, r_BT)
         if ctx.valid_BT is None:
@@ -282,17 +298,45 @@ class MoDRouter(nn.Module):
                 / valid_BT.sum().clamp(min=1)
         coef = self.aux_coef if self.causal_router == "aux" else self.predictor_coef
         ctx.tally.loss(f"mod_{self.causal_router}_bce", coef * bce)
-        with torch.no_grad():
-            pred_BT, true_BT = logit_BT > 0, routed_BT
-            real_BT = torch.ones_like(routed_BT) if ctx.valid_BT is None else ctx.valid_BT
-            pred_BT = pred_BT & real_BT
-            n_real = real_BT.sum().clamp(min=1)
-            tp = (pred_BT & true_BT).sum().float()
-            ctx.tally.stat(ctx.layer, "mod_bce", bce)
-            ctx.tally.stat(ctx.layer, "mod_causal_acc", ((pred_BT == true_BT) & real_BT).sum() / n_real)
-            ctx.tally.stat(ctx.layer, "mod_causal_precision", tp / pred_BT.sum().clamp(min=1))
-            ctx.tally.stat(ctx.layer, "mod_causal_recall", tp / true_BT.sum().clamp(min=1))
-            ctx.tally.stat(ctx.layer, "mod_causal_frac", pred_BT.sum() / n_real)
+        ctx.tally.stat(ctx.layer, "mod_bce", bce.detach())
+        self._decision_stats(logit_BT.detach() > 0, routed_BT, ctx)
+
+    @torch.no_grad()
+    def _decision_stats(self, pred_BT: torch.Tensor, true_BT: torch.Tensor, ctx: Context) -> None:
+        """How well the causal decisions match this batch's top-k (over real tokens)."""
+        real_BT = torch.ones_like(true_BT) if ctx.valid_BT is None else ctx.valid_BT
+        pred_BT = pred_BT & real_BT
+        n_real = real_BT.sum().clamp(min=1)
+        tp = (pred_BT & true_BT).sum().float()
+        ctx.tally.stat(ctx.layer, "mod_causal_acc", ((pred_BT == true_BT) & real_BT).sum() / n_real)
+        ctx.tally.stat(ctx.layer, "mod_causal_precision", tp / pred_BT.sum().clamp(min=1))
+        ctx.tally.stat(ctx.layer, "mod_causal_recall", tp / true_BT.sum().clamp(min=1))
+        ctx.tally.stat(ctx.layer, "mod_causal_frac", pred_BT.sum() / n_real)
+
+    @torch.no_grad()
+    def _track_threshold(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, routed_BT: torch.Tensor,
+                         ctx: Context) -> None:
+        """Score the running threshold on this batch, then move it towards the batch's top-k boundary.
+
+        A row's boundary is midway between its lowest chosen and its highest unchosen real token; rows with no
+        unchosen token (capacity 1) or no chosen one say nothing. Skipped in a recomputed forward
+        (``ctx.accumulate`` False), so activation checkpointing would not move it twice.
+        """
+        self._decision_stats(self.causal_logits(x_BTD, r_BT) > 0, routed_BT, ctx)
+        if not ctx.accumulate:
+            return
+        real_BT = torch.ones_like(routed_BT) if ctx.valid_BT is None else ctx.valid_BT
+        r = r_BT.detach().float()
+        inf = torch.tensor(float("inf"), device=r.device)
+        lowest_chosen_B = torch.where(routed_BT, r, inf).amin(dim=1)
+        highest_unchosen_B = torch.where(real_BT & ~routed_BT, r, -inf).amax(dim=1)
+        rows_B = torch.isfinite(lowest_chosen_B) & torch.isfinite(highest_unchosen_B)
+        if not bool(rows_B.any()):  # one host sync per routed layer and training step
+            return
+        boundary = ((lowest_chosen_B + highest_unchosen_B) / 2)[rows_B].mean()
+        old = self.threshold.float()
+        new = torch.where(torch.isfinite(old), old + self.threshold_momentum * (boundary - old), boundary)
+        self.threshold.copy_(new.to(self.threshold.dtype))
 
     # -- config and cost ---------------------------------------------------------------------
     @staticmethod

@@ -115,8 +115,9 @@ def _mod_layers(model) -> list[tuple[int, MoDRouter]]:
 def _mixed_model(tiny_cfg, causal_router: str, n_layers: int = 4, **options):
     """A float64 eval model whose causal decisions are mixed: some tokens routed, some not.
 
-    Router ("aux") or predictor output weights get std 1; each predictor's bias is then set to minus the
-    median of its logits on a calibration batch (layer by layer), so about half the tokens are routed.
+    Router ("aux", "threshold") or predictor output weights get std 1; each predictor's bias is then set to minus
+    the median of its logits on a calibration batch (layer by layer; "threshold": its threshold to the median
+    router logit), so about half the tokens are routed.
     """
     model = build_model(_cfg(tiny_cfg, n_layers=n_layers, causal_router=causal_router, **options)).double().eval()
     calibration = _tokens(4, 24)
@@ -124,6 +125,12 @@ def _mixed_model(tiny_cfg, causal_router: str, n_layers: int = 4, **options):
         for _, m in _mod_layers(model):
             if m.predictor is None:
                 m.router.weight.normal_(std=1.0)
+                if m.causal_router == "threshold":  # the running boundary at the median router logit
+                    seen = {}
+                    hook = m.register_forward_pre_hook(lambda mod, args, seen=seen: seen.__setitem__("x", args[0]))
+                    model(calibration)
+                    hook.remove()
+                    m.threshold.fill_(router_logits_ref(m, seen["x"]).median())
                 continue
             m.predictor[-1].weight.normal_(std=1.0)
             seen: dict[str, torch.Tensor] = {}
@@ -457,7 +464,7 @@ def test_causal_router_none_adds_no_loss(tiny_cfg):
 
 
 # -- 7. eval-mode causality --------------------------------------------------------------------
-@pytest.mark.parametrize("causal_router", ["predictor", "aux"])
+@pytest.mark.parametrize("causal_router", ["predictor", "aux", "threshold"])
 @torch.no_grad()
 def test_eval_routing_is_causal(tiny_cfg, causal_router):
     model = _mixed_model(tiny_cfg, causal_router)
@@ -496,7 +503,7 @@ def test_topk_routing_is_not_causal(tiny_cfg, mode):
 
 
 # -- 8. cached generation ------------------------------------------------------------------------
-@pytest.mark.parametrize("causal_router", ["predictor", "aux"])
+@pytest.mark.parametrize("causal_router", ["predictor", "aux", "threshold"])
 @pytest.mark.parametrize("B", [1, 3])
 @torch.no_grad()
 def test_cached_decoding_matches_full_forward(tiny_cfg, causal_router, B):
@@ -517,7 +524,7 @@ def test_cached_decoding_matches_full_forward(tiny_cfg, causal_router, B):
             assert kv.length == int(routed.sum()) < T
 
 
-@pytest.mark.parametrize("causal_router", ["predictor", "aux"])
+@pytest.mark.parametrize("causal_router", ["predictor", "aux", "threshold"])
 @torch.no_grad()
 def test_left_padded_batch_matches_each_prompt_alone(tiny_cfg, causal_router):
     model = _mixed_model(tiny_cfg, causal_router)
@@ -534,7 +541,7 @@ def test_left_padded_batch_matches_each_prompt_alone(tiny_cfg, causal_router):
             assert torch.equal(out.traces[key][b, -len(p):], routed[0]), key
 
 
-@pytest.mark.parametrize("causal_router", ["predictor", "aux"])
+@pytest.mark.parametrize("causal_router", ["predictor", "aux", "threshold"])
 def test_greedy_generate_matches_naive_loop(tiny_cfg, causal_router):
     model = _mixed_model(tiny_cfg, causal_router)
     prompts = [_tokens(1, n)[0].tolist() for n in (4, 11, 2)]

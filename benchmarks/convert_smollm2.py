@@ -323,15 +323,15 @@ def cmd_table(args: argparse.Namespace) -> None:
     dense = runs.get("dense-ft", {}).get("val_loss")
     n = results["unconverted"]["eval_tokens"]
     print(f"unconverted: validation loss {base:.4f} ({n:,} held-out tokens)\n")
-    print("| run | trained | steps | tokens | train FLOPs | wall s | tokens/s | val loss | vs unconverted | "
-          "vs dense-ft |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | trained | steps | tokens | train FLOPs | wall s | tokens/s | last train loss | val loss | "
+          "vs unconverted | vs dense-ft |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in runs.items():
         what = ",".join(r["train"].get("trainable") or ["all"])
         lrs = f"lr {r['train']['lr']:g}" + (f", new {r['train']['lr_new']:g}" if r["train"].get("lr_new") else "")
         vs_dense = f"{100 * (r['val_loss'] / dense - 1):+.1f}%" if dense else ""
         print(f"| {name} | {what} ({lrs}) | {r['steps']} | {r['tokens']:,} | {r['train_flops']:.3g} | "
-              f"{r['wall_s']:.0f} | {r['tokens_per_s']:.0f} | {r['val_loss']:.4f} | "
+              f"{r['wall_s']:.0f} | {r['tokens_per_s']:.0f} | {r['train_loss']:.3f} | {r['val_loss']:.4f} | "
               f"{100 * (r['val_loss'] / base - 1):+.1f}% | {vs_dense} |")
     rows = [(n, v) for n, v in speed.items() if n.startswith("prefill/mod-")]
     if rows:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,31 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
             _discard(old)
     return final
 
+
+
+def check_new_run_dir(out: Path, what: str) -> None:
+    """``out`` may become a new run: absent or an empty directory (``what`` names the command in the error)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"'{out}' already exists and is not empty; choose another --out ({what} never "
+                              f"overwrites a run)")
+
+
+def write_new_run(out: Path, model: torch.nn.Module, state: dict[str, Any], model_cfg: ModelConfig,
+                  train_cfg: TrainConfig | None, what: str) -> None:
+    """A whole run at ``out`` (config.json and a step-0 checkpoint), or nothing: it is assembled in a hidden
+    sibling directory and renamed into place, so a failure at any point leaves no ``out`` behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{what}-"))
+    try:
+        payload = {"model": model_cfg.to_dict(), "train": None if train_cfg is None else train_cfg.to_dict()}
+        write_json_atomic(tmp / "config.json", payload)
+        save_checkpoint(tmp, 0, model, None, state, model_cfg, train_cfg)
+        with contextlib.suppress(OSError):
+            out.rmdir()  # an empty directory given as --out
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint's configs and state (not its tensors), with one-line errors."""

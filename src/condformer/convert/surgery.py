@@ -12,8 +12,6 @@ directory and renamed into place, so a failed conversion leaves nothing behind a
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +20,11 @@ from typing import Any
 
 import torch
 
-from condformer.checkpoint import check_weights_fit, load_weights, read_checkpoint, save_checkpoint, write_json_atomic
+from condformer.checkpoint import check_new_run_dir, check_weights_fit, load_weights, read_checkpoint, write_new_run
 from condformer.config import ModelConfig
 from condformer.convert import exits, mod, moe
 from condformer.convert.layer_selection import select_layers
-from condformer.errors import CheckpointError, ConfigError
+from condformer.errors import ConfigError
 
 TECHNIQUES: dict[str, ModuleType] = {"exits": exits, "mod": mod, "moe": moe}
 PROBE_TOKENS = 32
@@ -86,9 +84,7 @@ def convert_run(run: str | Path, technique: str, out: str | Path, *, layers: str
 
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"'{out}' already exists and is not empty; choose another --out (a conversion never "
-                              f"overwrites a run)")
+    check_new_run_dir(out, "a conversion")
     ck = read_checkpoint(run)
     cfg, chosen, options, notes = plan(ck.model_cfg, technique, layers, given)
     check_weights_fit(ck)
@@ -112,19 +108,7 @@ def convert_run(run: str | Path, technique: str, out: str | Path, *, layers: str
     state["source"] = {**ck.state.get("source", {}), "converted_from": str(Path(run).resolve())}
     state["conversion"] = {"technique": technique, "layers": chosen, "options": options}
     state["new_parameters"] = new
-    train_cfg = ck.train_cfg
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.converting-"))
-    try:
-        payload = {"model": cfg.to_dict(), "train": None if train_cfg is None else train_cfg.to_dict()}
-        write_json_atomic(tmp / "config.json", payload)
-        save_checkpoint(tmp, 0, model, None, state, cfg, train_cfg)
-        with contextlib.suppress(OSError):
-            out.rmdir()  # an empty directory given as --out
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_new_run(out, model, state, cfg, ck.train_cfg, "converting")
     added = set(new)
     return ConvertReport(str(run), str(out), technique, chosen, options, source.num_params(non_embedding=False),
                          model.num_params(non_embedding=False),

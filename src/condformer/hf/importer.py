@@ -10,9 +10,6 @@ import leaves no RUN behind and a finished one is complete.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +17,7 @@ from typing import Any
 
 import torch
 
-from condformer.checkpoint import save_checkpoint, write_json_atomic
+from condformer.checkpoint import check_new_run_dir, write_new_run
 from condformer.config import ModelConfig, TrainConfig
 from condformer.errors import CheckpointError
 from condformer.hf.families import family_of
@@ -90,9 +87,7 @@ def import_model(src: str | Path, out: str | Path) -> ImportReport:
     """Import ``src`` (a model directory or a .gguf file) into the new run directory ``out``."""
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"'{out}' already exists and is not empty; choose another --out (an import never "
-                              f"overwrites a run)")
+    check_new_run_dir(out, "an import")
     source = read_source(src)
     cfg, weights, notes, model_type = to_condformer(source)
     tok = source.tokenizer
@@ -103,16 +98,6 @@ def import_model(src: str | Path, out: str | Path) -> ImportReport:
     train_cfg = TrainConfig(tokenizer=tok.name, seq_len=min(256, cfg.max_seq_len), max_steps=1)
     state = {"tokenizer": tok.to_dict(), "source": {"path": str(Path(src).resolve()), "format": source.format,
                                                     "model_type": model_type, "notes": notes}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.importing-"))
-    try:
-        write_json_atomic(tmp / "config.json", {"model": cfg.to_dict(), "train": train_cfg.to_dict()})
-        save_checkpoint(tmp, 0, model, None, state, cfg, train_cfg)
-        with contextlib.suppress(OSError):
-            out.rmdir()  # an empty directory given as --out
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_new_run(out, model, state, cfg, train_cfg, "importing")
     return ImportReport(str(src), source.format, model_type, str(out), model.num_params(non_embedding=False),
                         cfg.n_layers, cfg.d_model, cfg.vocab_size, time.perf_counter() - started, notes)

@@ -331,12 +331,13 @@ class MoDRouter(nn.Module):
         lowest_chosen_B = torch.where(routed_BT, r, inf).amin(dim=1)
         highest_unchosen_B = torch.where(real_BT & ~routed_BT, r, -inf).amax(dim=1)
         rows_B = torch.isfinite(lowest_chosen_B) & torch.isfinite(highest_unchosen_B)
-        if not bool(rows_B.any()):  # one host sync per routed layer and training step
-            return
-        boundary = ((lowest_chosen_B + highest_unchosen_B) / 2)[rows_B].mean()
+        # all on the device, no host sync: a batch without a boundary leaves the threshold as it is
+        n_rows = rows_B.sum()
+        mid_B = torch.where(rows_B, (lowest_chosen_B + highest_unchosen_B) / 2, 0.0)
+        boundary = mid_B.sum() / n_rows.clamp(min=1)
         old = self.threshold.float()
-        new = torch.where(torch.isfinite(old), old + self.threshold_momentum * (boundary - old), boundary)
-        self.threshold.copy_(new.to(self.threshold.dtype))
+        moved = torch.where(torch.isfinite(old), old + self.threshold_momentum * (boundary - old), boundary)
+        self.threshold.copy_(torch.where(n_rows > 0, moved, old).to(self.threshold.dtype))
 
     # -- config and cost ---------------------------------------------------------------------
     @staticmethod

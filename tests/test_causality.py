@@ -43,6 +43,10 @@ CASES: dict[str, tuple[dict, bool]] = {
                 False),
     "mod_converted": (dict(layers=_layers(LayerSpec(), LayerSpec(router="mod", options={
         **MOD, "weighting": "2sigmoid", "router_input": "normed", "anneal_steps": 10}))), False),
+    "mod_ffn": (dict(layers=_layers(LayerSpec(), LayerSpec(router="mod", options={
+        **MOD, "routed": "ffn", "causal_router": "threshold"}))), False),
+    "mod_ffn_parallel": (dict(layers=_layers(LayerSpec(block="parallel", router="mod", options={
+        **MOD, "routed": "ffn"}))), False),
     "mod_sasp": (dict(layers=_layers(LayerSpec(block="sasp", router="mod", options=MOD))), False),
     **{f"moe_{name}": (dict(layers=_layers(LayerSpec(), LayerSpec(ffn="moe", options={**MOE, **opts}))), False)
        for name, opts in {

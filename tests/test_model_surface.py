@@ -104,6 +104,8 @@ def test_refusals_come_from_the_table():
                        what="expert_choice routing")
     cap = LayerSpec(ffn="moe", options={"eval_capacity_factor": 1.0})
     _raises_table_text(_cfg(layers=[cap]).validate, "moe_eval_capacity_in_decoder", where="layers[0]")
+    sas_ffn = LayerSpec(block="sas", router="mod", options={"routed": "ffn"})
+    _raises_table_text(_cfg(layers=[sas_ffn]).validate, "mod_ffn_block", where="layers[0]", block="sas")
     no_router = LayerSpec(router="mod", options={"causal_router": "none"})
     _raises_table_text(_cfg(layers=[no_router]).validate, "mod_causal_without_router", where="layers[0]")
     from condformer.cache import KVCache

@@ -452,8 +452,8 @@ def _exit_weights(text: str) -> str | list[float]:
 
 
 CONVERT_OPTIONS = ("head", "layer_dropout", "curriculum", "curriculum_period", "curriculum_steps", "exit_weights",
-                   "capacity", "anneal_steps", "causal_router", "experts", "top_k", "split", "capacity_factor",
-                   "balance_coef")
+                   "capacity", "anneal_steps", "causal_router", "routed", "experts", "top_k", "split",
+                   "capacity_factor", "balance_coef")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -622,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anneal-steps", type=NONNEG_INT, help="steps over which capacity goes from 1 to C (default 100)")
     g.add_argument("--causal-router", choices=["threshold", "predictor", "aux"],
                    help="inference's decision (default threshold: the router against its running top-k boundary)")
+    g.add_argument("--routed", choices=["block", "ffn"],
+                   help="what a passed-over token skips: the whole block (default) or only its FFN (attention for "
+                        "every token: what a pretrained model tolerates best)")
     g = s.add_argument_group("--to moe (sparse upcycling)")
     g.add_argument("--experts", type=POSITIVE_INT, help="experts per layer (default 8)")
     g.add_argument("--top-k", type=POSITIVE_INT, help="experts per token (default 2)")

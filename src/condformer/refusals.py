@@ -29,6 +29,9 @@ REFUSED: dict[str, str] = {
     "mod_causal_without_router": (
         "{where}: eval_routing 'causal' needs a causal_router ('predictor' or 'aux'); set one, or "
         "eval_routing='topk' (not causal: no generation)"),
+    "mod_ffn_block": (
+        "{where}: MoD routed 'ffn' needs a block whose FFN adds its own update to the residual stream (preln or "
+        "parallel), not '{block}'; use routed 'block' (the whole block) with this block type"),
     # early exit is a generation technique
     "exits_in_encoder": "exits need a decoder (kind: decoder); early exit is a generation technique",
     "halting_with_mixed_training": (

@@ -75,6 +75,22 @@ def test_mod_keeps_the_function_at_conversion(llama_run, tmp_path, capacity):
     _assert_same_function(llama_run, tmp_path / "out")
 
 
+@pytest.mark.parametrize("capacity", [1.0, 0.25])
+def test_ffn_routed_mod_keeps_the_function_at_conversion(llama_run, tmp_path, capacity):
+    r = convert_run(llama_run, "mod", tmp_path / "out", layers="all", capacity=capacity, anneal_steps=10,
+                    routed="ffn")
+    # the probe is float32: (x + a) + f rounds differently from the dense layer's x + (a + f)
+    assert r.max_logit_diff_train < 1e-5 and r.max_logit_diff_eval < 1e-5
+    _assert_same_function(llama_run, tmp_path / "out")
+    a, b = _pair(llama_run, tmp_path / "out")
+    assert all(layer.routed == "ffn" for layer in b.layers)
+    if capacity < 1:  # control: without the ramp, top-k at 0.25 skips FFNs and the logits move
+        for layer in b.layers:
+            layer.anneal = None
+        x = torch.randint(0, VOCAB, (2, 48))
+        assert (_logits(b, x, True) - _logits(a, x, False)).abs().max() > 1e-3
+
+
 def test_mod_without_annealing_routes_at_the_target_from_the_start(llama_run, tmp_path):
     """Control: no ramp and capacity 0.5, so training-mode top-k skips half the tokens and the logits move."""
     convert_run(llama_run, "mod", tmp_path / "out", layers="all", capacity=0.5, anneal_steps=0)
@@ -163,6 +179,7 @@ def test_the_source_run_is_untouched(llama_run, tmp_path):
     ("exits", {"layers": "1"}, "only the last layer"),
     ("exits", {"capacity": 0.5}, "--capacity is an option of --to mod"),
     ("mod", {"layers": "x-y"}, "not a layer selection"),
+    ("mod", {"routed": "attention"}, "--routed must be"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(llama_run, tmp_path, technique, kw, words):
     out = tmp_path / "out"

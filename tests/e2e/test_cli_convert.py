@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,11 +26,16 @@ def run(tmp_path_factory: pytest.TempPathFactory, env: dict) -> Path:
     return root / "run"
 
 
-def test_convert_then_router_tuning(run: Path, tmp_path: Path, env: dict, code_corpus: Path) -> None:
+@pytest.mark.parametrize("routed", ["block", "ffn"])
+def test_convert_then_router_tuning(run: Path, tmp_path: Path, env: dict, code_corpus: Path, routed: str) -> None:
     out = tmp_path / "mod"
-    r = last_json(cf("convert", str(run), "--to", "mod", "--capacity", "0.5", "--anneal-steps", "2", "--out",
-                     str(out), "--json", env=env))
-    assert r["technique"] == "mod" and r["layers"] == [1] and r["max_logit_diff_eval"] == 0 and r["new_params"] > 0
+    r = last_json(cf("convert", str(run), "--to", "mod", "--capacity", "0.5", "--anneal-steps", "2", "--routed",
+                     routed, "--out", str(out), "--json", env=env))
+    # float32 probe: a routed FFN adds (x + a) + f where the dense layer adds x + (a + f)
+    exact = 0 if routed == "block" else 1e-5
+    assert r["technique"] == "mod" and r["layers"] == [1] and r["max_logit_diff_eval"] <= exact and r["new_params"] > 0
+    layer = json.loads((out / "config.json").read_text())["model"]["layers"][1]
+    assert layer["router"] == "mod" and layer["options"].get("routed", "block") == routed
     before = last_json(cf("eval", str(run), "--data", str(code_corpus), "--json", env=env))
     same = last_json(cf("eval", str(out), "--data", str(code_corpus), "--json", env=env))
     assert same["val_loss"] == pytest.approx(before["val_loss"], abs=1e-6)  # the conversion kept the function
@@ -46,6 +52,7 @@ def test_convert_then_router_tuning(run: Path, tmp_path: Path, env: dict, code_c
     (["--to", "quantum"], "invalid choice"),
     (["--to", "mod", "--capacity", "1.5"], "(0, 1]"),
     (["--to", "mod", "--capacity", "0"], "(0, 1]"),
+    (["--to", "mod", "--routed", "attention"], "invalid choice"),
     (["--to", "exits", "--layers", "0,7"], "out of range"),
     (["--to", "exits", "--experts", "4"], "--experts is an option of --to moe"),
     (["--to", "moe", "--split", "3"], "multiples"),

@@ -9,7 +9,9 @@ router (the router's logit against a running top-k boundary, -inf until the capa
 routes every token at conversion and follows the router from the first step. A ``predictor`` starts by
 routing every token too (its output layer zero, its bias positive) but must learn its way down to the
 capacity (measured on SmolLM2: still routing every token after 30 steps). At conversion the model's function
-is unchanged in training and in evaluation, at any target capacity.
+is unchanged in training and in evaluation, at any target capacity. ``--routed ffn`` routes only the FFN
+(attention runs for every token): a pretrained model loses far less from a skipped FFN than from a skipped
+block (measured per layer on SmolLM2, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from condformer.config import LayerSpec, ModelConfig
 from condformer.errors import ConfigError
 
 DEFAULT_LAYERS = "odd"
-OPTIONS: dict[str, Any] = {"capacity": 0.5, "anneal_steps": 100, "causal_router": "threshold"}
+OPTIONS: dict[str, Any] = {"capacity": 0.5, "anneal_steps": 100, "causal_router": "threshold", "routed": "block"}
 PREDICTOR_START_LOGIT = 3.0
 """The predictor's initial logit: every token routed (sigmoid 0.95: at capacity 1 every token is in the top-k)."""
 
@@ -35,6 +37,8 @@ def configure(cfg: ModelConfig, layers: list[int], o: dict[str, Any]) -> tuple[M
                           f"computes), got {c}")
     if o["causal_router"] not in ("threshold", "predictor", "aux"):
         raise ConfigError(f"--causal-router must be 'threshold', 'predictor' or 'aux', got {o['causal_router']!r}")
+    if o["routed"] not in ("block", "ffn"):
+        raise ConfigError(f"--routed must be 'block' (attention and FFN) or 'ffn' (the FFN only), got {o['routed']!r}")
     specs = cfg.layer_specs()
     for i in layers:
         if specs[i].router != "dense":
@@ -42,7 +46,7 @@ def configure(cfg: ModelConfig, layers: list[int], o: dict[str, Any]) -> tuple[M
         specs[i] = LayerSpec(block=specs[i].block, router="mod", ffn=specs[i].ffn,
                              options={**specs[i].options, "capacity": float(c), "weighting": "2sigmoid",
                                       "causal_router": o["causal_router"], "anneal_steps": int(o["anneal_steps"]),
-                                      "router_input": "normed"})
+                                      "router_input": "normed", "routed": o["routed"]})
     notes = []
     if o["causal_router"] == "aux":
         notes.append("causal_router 'aux': inference routes a token when its router logit is > 0, and the "

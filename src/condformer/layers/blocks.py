@@ -48,8 +48,16 @@ class PreLNBlock(nn.Module):
         self.ffn = FFNS.get(spec.ffn)(cfg, spec, layer_index)
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
-        a = self.attn(self.pre_attn_norm(x_BTD), ctx)
-        return a + self.ffn(self.pre_ffn_norm(x_BTD + a), ctx)
+        a = self.attention_update(x_BTD, ctx)
+        return a + self.ffn_update(x_BTD, a, ctx)
+
+    # the two halves, for a router that computes attention for every token but the FFN for some (MoD routed 'ffn')
+    def attention_update(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.attn(self.pre_attn_norm(x_BTD), ctx)
+
+    def ffn_update(self, x_BTD: torch.Tensor, a_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The FFN's update given the block input ``x`` and the attention's update ``a`` (it reads x + a)."""
+        return self.ffn(self.pre_ffn_norm(x_BTD + a_BTD), ctx)
 
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
         """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""

@@ -85,6 +85,14 @@ class ParallelBlock(nn.Module):
         z = self.norm(x_BTD)
         return self.attn(z, ctx) + self.ffn(z, ctx)
 
+    # the two halves, for a router that computes attention for every token but the FFN for some (MoD routed 'ffn')
+    def attention_update(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.attn(self.norm(x_BTD), ctx)
+
+    def ffn_update(self, x_BTD: torch.Tensor, a_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The FFN's update: it reads the block input (in parallel with attention), not x + a."""
+        return self.ffn(self.norm(x_BTD), ctx)
+
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
         """Keys and values of ``x`` for the cache, without the rest of the block (exited tokens)."""
         self.attn.append_kv(self.norm(x_BTD), ctx)

@@ -11,7 +11,9 @@ Training (and ``eval_routing="topk"``)::
     x'     = x + scatter(g(r) * d_BKD)     g = sigmoid, 2 sigmoid or identity; unchosen tokens pass unchanged
 
 The block returns its residual-free update, so the residual is neither scaled by the router weight nor
-counted twice. Top-k over a sequence is not causal (whether token t is chosen depends on later tokens), so
+counted twice. With ``routed: ffn`` the router decides only over the FFN: attention runs for every token (so
+every token stays a key of the layer and is cached), the router reads x + attention, and the chosen tokens'
+FFN update is gathered, weighted and scattered the same way. Top-k over a sequence is not causal (whether token t is chosen depends on later tokens), so
 for evaluation and sampling a per-token **causal decision** replaces it: a token gets the block iff its
 causal logit is > 0. Two ways to learn that logit, trained jointly with the language model (section 3.5
 of the paper):
@@ -53,13 +55,14 @@ from condformer.context import Context
 from condformer.errors import ConfigError
 from condformer.options import ComponentOptions, option
 from condformer.refusals import refuse
-from condformer.registry import ROUTERS
+from condformer.registry import FFNS, ROUTERS
 from condformer.step_counter import StepCounter, linear_ramp
 
 WEIGHTINGS = ("sigmoid", "2sigmoid", "raw")
 CAUSAL_ROUTERS = ("predictor", "aux", "threshold", "none")
 EVAL_ROUTINGS = ("causal", "topk")
 ROUTER_INPUTS = ("raw", "normed")
+ROUTED = ("block", "ffn")
 
 
 @dataclass
@@ -80,6 +83,12 @@ class MoD(ComponentOptions):
         depth), and a router's logit moves by about lr x |x|_1 per Adam step, so on raw states a router rate is
         tied to that scale (a rate of 1e-3 swung SmolLM2's gates across their range in one step); ``normed``
         makes it the same at every layer of every model.
+    routed: what a token the router passes over skips: ``block`` (the paper: attention and FFN, and the token is
+        not in the layer's attention context) or ``ffn`` (attention runs for every token, so every token stays a
+        key and value of the layer; only the FFN, most of a layer's FLOPs, is computed for the chosen ones, and the
+        router reads the state after attention). Measured on SmolLM2-135M (benchmarks/RESULTS.md): skipping half
+        the tokens' whole block in one middle layer cost 0.05-0.37 nats/token even with an oracle's choice,
+        skipping their FFN 0.005-0.075, so ``ffn`` is what router tuning of a pretrained model can afford.
     """
 
     axis: ClassVar[str] = "router"
@@ -95,6 +104,7 @@ class MoD(ComponentOptions):
     anneal_steps: int = option(0, ge=0)
     router_input: str = option("raw", choices=ROUTER_INPUTS)
     threshold_momentum: float = option(0.2, gt=0, le=1)
+    routed: str = option("block", choices=ROUTED)
 
     def check(self, where: str) -> None:
         if self.causal_router == "none" and self.eval_routing == "causal":
@@ -148,6 +158,7 @@ class MoDRouter(nn.Module):
         self.predictor_coef = float(o.predictor_coef)
         self.anneal_steps = int(o.anneal_steps)
         self.router_input = o.router_input
+        self.routed = o.routed
         self.norm_eps = cfg.norm_eps
         # registered only when annealing, so checkpoints of models without it keep their exact key set
         self.anneal = StepCounter() if self.anneal_steps > 0 else None
@@ -198,26 +209,39 @@ class MoDRouter(nn.Module):
         return self.training or self.eval_routing == "topk"
 
     # -- forward -----------------------------------------------------------------------------
+    @staticmethod
+    def validate_spec(spec: LayerSpec, cfg: ModelConfig, layer_index: int) -> None:
+        from condformer.registry import BLOCKS
+
+        if MoD.of(spec).routed == "ffn" and not hasattr(BLOCKS.get(spec.block), "ffn_update"):
+            raise refuse("mod_ffn_block", where=f"layers[{layer_index}]", block=spec.block)
+
     def forward(self, x_BTD: torch.Tensor, ctx: Context) -> torch.Tensor:
-        r_BT = self.router_logits(x_BTD)
+        if self.use_topk() and ctx.kv is not None:
+            raise refuse("mod_topk_cached", where=f"MoD layer {self.layer_index}")
+        if self.routed == "block":
+            state_BTD, part = x_BTD, _BlockPart(self.block, x_BTD)
+        else:  # attention for every token (and its keys in the cache); the router reads what the FFN would
+            a_BTD = self.block.attention_update(x_BTD, ctx)
+            state_BTD, part = x_BTD + a_BTD, _FFNPart(self.block, x_BTD, a_BTD)
+        r_BT = self.router_logits(state_BTD)
         if self.use_topk():
-            if ctx.kv is not None:
-                raise refuse("mod_topk_cached", where=f"MoD layer {self.layer_index}")
-            return self._forward_topk(x_BTD, r_BT, ctx)
-        return self._forward_causal(x_BTD, r_BT, ctx)
+            return self._forward_topk(state_BTD, r_BT, ctx, part)
+        return self._forward_causal(state_BTD, r_BT, ctx, part)
 
     def _update_chosen(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, idx_BK: torch.Tensor, sub: Context,
-               keep_BK: torch.Tensor | None = None) -> torch.Tensor:
-        """x + scatter(g(r) * block(x[idx])): the update lands only on the gathered tokens."""
+                       keep_BK: torch.Tensor | None, part: _BlockPart | _FFNPart) -> torch.Tensor:
+        """x + scatter(g(r) * part(x[idx])): the update lands only on the gathered tokens."""
         D = x_BTD.shape[-1]
         idx_BKD = idx_BK[..., None].expand(-1, -1, D)
-        delta_BKD = self.block(x_BTD.gather(1, idx_BKD), sub)
+        delta_BKD = part(idx_BKD, sub)
         w_BK = self.gate(r_BT.gather(1, idx_BK))
         if keep_BK is not None:
             w_BK = w_BK * keep_BK
         return x_BTD.scatter_add(1, idx_BKD, (w_BK[..., None] * delta_BKD).to(x_BTD.dtype))
 
-    def _forward_topk(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def _forward_topk(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context,
+                      part: _BlockPart | _FFNPart) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         c = self.training_capacity()
         k = capacity_tokens(c, T)
@@ -237,7 +261,7 @@ class MoDRouter(nn.Module):
         else:
             ctx.tally.stat(ctx.layer, "mod_routed_frac", keep_BK.sum() / ctx.valid_BT.sum().clamp(min=1))
         sub = ctx.subset(idx_BK, keep_BK=keep_BK, ascending=True)
-        return self._update_chosen(x_BTD, r_BT, idx_BK, sub, keep_BK)
+        return self._update_chosen(x_BTD, r_BT, idx_BK, sub, keep_BK, part)
 
     def _causal_selection(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context,
                           record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, Context] | None:
@@ -260,17 +284,23 @@ class MoDRouter(nn.Module):
         keep_BK = None if B == 1 else route_BT.gather(1, idx_BK)
         return idx_BK, keep_BK, ctx.subset(idx_BK, keep_BK=keep_BK, ascending=True)
 
-    def _forward_causal(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def _forward_causal(self, x_BTD: torch.Tensor, r_BT: torch.Tensor, ctx: Context,
+                        part: _BlockPart | _FFNPart) -> torch.Tensor:
         chosen = self._causal_selection(x_BTD, r_BT, ctx)
         if chosen is None:
             return x_BTD
         idx_BK, keep_BK, sub = chosen
-        return self._update_chosen(x_BTD, r_BT, idx_BK, sub, keep_BK)
+        return self._update_chosen(x_BTD, r_BT, idx_BK, sub, keep_BK, part)
 
     def append_kv(self, x_BTD: torch.Tensor, ctx: Context) -> None:
-        """Keys and values of the tokens the causal decisions route, computed from ``x`` (exited tokens)."""
+        """Keys and values of the tokens the causal decisions route, computed from ``x`` (exited tokens).
+
+        With ``routed: ffn`` every token is in the layer's attention, so every token's keys are stored."""
         if self.use_topk():
             raise refuse("mod_topk_cached", where=f"MoD layer {self.layer_index}")
+        if self.routed == "ffn":
+            self.block.append_kv(x_BTD, ctx)
+            return
         chosen = self._causal_selection(x_BTD, self.router_logits(x_BTD), ctx, record=False)
         if chosen is not None:
             idx_BK, _, sub = chosen
@@ -347,11 +377,36 @@ class MoDRouter(nn.Module):
         o = MoD.of(spec)
         k = capacity_tokens(float(o.capacity), seq_len)
         d = cfg.d_model
-        flops = block_flops(k, k) + 2 * seq_len * d
+        if o.routed == "ffn":  # the whole block on every token, less the FFN on the tokens passed over
+            ffn = FFNS.get(spec.ffn)
+            flops = block_flops(seq_len, seq_len) - ffn.flops(cfg, spec, seq_len) + ffn.flops(cfg, spec, k)
+        else:
+            flops = block_flops(k, k)
+        flops += 2 * seq_len * d
         if o.causal_router == "predictor":
             h = predictor_width(cfg, spec)
             flops += 2 * seq_len * d * h + 2 * seq_len * h
         return flops
+
+
+class _BlockPart:
+    """``routed: block``: the chosen tokens' whole block, on their own (attention only among them)."""
+
+    def __init__(self, block: nn.Module, x_BTD: torch.Tensor) -> None:
+        self.block, self.x_BTD = block, x_BTD
+
+    def __call__(self, idx_BKD: torch.Tensor, sub: Context) -> torch.Tensor:
+        return self.block(self.x_BTD.gather(1, idx_BKD), sub)
+
+
+class _FFNPart:
+    """``routed: ffn``: the chosen tokens' FFN update, attention having run for every token."""
+
+    def __init__(self, block: nn.Module, x_BTD: torch.Tensor, a_BTD: torch.Tensor) -> None:
+        self.block, self.x_BTD, self.a_BTD = block, x_BTD, a_BTD
+
+    def __call__(self, idx_BKD: torch.Tensor, sub: Context) -> torch.Tensor:
+        return self.block.ffn_update(self.x_BTD.gather(1, idx_BKD), self.a_BTD.gather(1, idx_BKD), sub)
 
 
 def set_eval_routing(model: nn.Module, mode: str) -> None:

@@ -37,10 +37,17 @@ LR, LR_NEW = 1e-4, 3e-4
 MOD_CAPACITIES = (0.875, 0.75, 0.5, 0.25)
 MOD_FULL_CAPACITIES = (0.75, 0.5)  # full fine-tuning costs 2.5x a routers-only step on this CPU
 EXIT_LAYERS = "every:3"  # exits after layers 2, 5, ..., 26 (depths 3, 6, ..., 27) and the last (30)
+# MoD routing only the FFN (``--routed ffn``), on the layers the per-layer sensitivity sweep (``sensitivity``)
+# found cheap to skip: all but layer 0 and the last two
+FFN_LAYERS = "1-27"
+FFN_CAPACITIES = (0.75, 0.5)
 
 
-def plan() -> list[dict[str, Any]]:
-    """Every run: its name, conversion (None: the imported model itself) and training settings."""
+def plan(steps: int = STEPS) -> list[dict[str, Any]]:
+    """Every run: its name, conversion (None: the imported model itself) and training settings.
+
+    MoD capacity is annealed from 1 over the first two thirds of the run (20 of 30 steps, 100 of 150)."""
+    anneal = round(2 * steps / 3)
     runs: list[dict[str, Any]] = [
         {"name": "dense-ft", "convert": None, "train": {"lr": LR}},
         {"name": "moe-8x2-split2", "convert": {"technique": "moe", "layers": "odd", "experts": 8, "top_k": 2,
@@ -58,18 +65,25 @@ def plan() -> list[dict[str, Any]]:
     # it still routed every token, so its causal prefill saved nothing)
     for causal, suffix in (("threshold", "-threshold"), ("predictor", "")):
         for c in MOD_CAPACITIES:
-            conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": 20, "causal_router": causal}
+            conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": anneal, "causal_router": causal}
             runs.append({"name": f"mod-{c}-routers{suffix}", "convert": conv,
                          "train": {"lr": LR, "lr_new": LR_NEW, "trainable": ["routers"]}})
         for c in MOD_FULL_CAPACITIES:
-            conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": 20, "causal_router": causal}
+            conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": anneal, "causal_router": causal}
             runs.append({"name": f"mod-{c}-full{suffix}", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW}})
+    # MoD on the FFN only (attention for every token), threshold router, on FFN_LAYERS
+    for c in FFN_CAPACITIES:
+        conv = {"technique": "mod", "layers": FFN_LAYERS, "capacity": c, "anneal_steps": anneal,
+                "causal_router": "threshold", "routed": "ffn"}
+        runs.append({"name": f"mod-ffn-{c}-full", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW}})
+        runs.append({"name": f"mod-ffn-{c}-routers", "convert": conv,
+                     "train": {"lr": LR, "lr_new": LR_NEW, "trainable": ["routers"]}})
     # learning-rate brackets (run last)
     runs.append({"name": "dense-ft-lr3e-4", "convert": None, "train": {"lr": 3e-4}, "bracket": True})
     runs.append({"name": "moe-8x2-split2-lr3e-4", "convert": runs[1]["convert"], "train": {"lr": 3e-4},
                  "bracket": True})
     runs.append({"name": "mod-0.5-routers-lr1e-3", "convert": {"technique": "mod", "layers": "odd", "capacity": 0.5,
-                                                               "anneal_steps": 20, "causal_router": "predictor"},
+                                                               "anneal_steps": anneal, "causal_router": "predictor"},
                  "train": {"lr": LR, "lr_new": 1e-3, "trainable": ["routers"]}, "bracket": True})
     return sorted(runs, key=lambda r: r.get("bracket", False))
 
@@ -80,9 +94,22 @@ def load_results(work: Path) -> dict[str, Any]:
 
 
 def save_results(work: Path, results: dict[str, Any]) -> None:
+    """Merge ``results`` into WORK/results.json under a lock: ``train``, ``speed`` and ``sensitivity`` may run side
+    by side, and each adds its own keys (a plain rewrite would drop what another process saved since it read)."""
+    import fcntl
+
     from condformer.checkpoint import write_json_atomic
 
-    write_json_atomic(work / "results.json", results)
+    with open(work / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = load_results(work)
+        for key, value in results.items():
+            if isinstance(value, dict) and isinstance(current.get(key), dict):
+                current[key].update(value)
+            else:
+                current[key] = value
+        write_json_atomic(work / "results.json", current)
+    results.update(current)
 
 
 def train_config(**overrides: Any):
@@ -113,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         save_results(work, results)
     del model
     only = set(args.only.split(",")) if args.only else None
-    for run in plan():
+    for run in plan(args.steps):
         name = run["name"]
         if name in results["runs"] or (only and name not in only):
             continue
@@ -246,6 +273,84 @@ def cmd_speed(args: argparse.Namespace) -> None:
         save_results(work, results)
 
 
+# -- per-layer sensitivity ---------------------------------------------------------------------
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    """What skipping costs before any training: one layer at a time, half its tokens, chosen by an oracle.
+
+    The unconverted model with MoD (capacity 0.5, zero router) on every layer, all layers but one at capacity 1
+    (the dense layer); in the one, the tokens kept are those whose update is largest relative to their state
+    (|block(x)| / |x|, or |FFN| / |x + a| for ``routed: ffn``): a non-causal upper bound on what a router can
+    choose. The gate is 1 (the zero router's 2 sigmoid(0)). Loss increase over the unconverted model, nats/token,
+    on the first ``--sensitivity-batches`` held-out batches.
+    """
+    import types
+
+    from condformer.checkpoint import load_for_inference
+    from condformer.convert import convert_run
+    from condformer.data import prepare_data
+    from condformer.routing.mod import capacity_tokens
+    from condformer.train import evaluate
+
+    work = args.work
+    results = load_results(work)
+    out = results.setdefault("sensitivity", {})
+    c = 0.5
+    for routed in ("block", "ffn"):
+        if routed in out:
+            continue
+        path = work / f"sensitivity-{routed}.converted"
+        if not path.exists():
+            convert_run(args.base, "mod", path, layers="all", capacity=c, anneal_steps=0, routed=routed)
+        ck, model, tok = load_for_inference(path)
+        model.set_inference(routing="topk")
+        data = prepare_data("stdlib", tok)
+        cfg = train_config(tokenizer=tok.name, eval_batches=args.sensitivity_batches)
+        active: set[int] = set()
+
+        def oracle_forward(self, x, ctx, active=active):
+            if self.layer_index not in active:
+                return x + self.block(x, ctx)
+            if self.routed == "block":
+                with torch.no_grad():
+                    score = self.block(x, ctx).norm(dim=-1) / x.norm(dim=-1)
+                state, part = x, _block_part(self, x)
+            else:
+                a = self.block.attention_update(x, ctx)
+                state = x + a
+                with torch.no_grad():
+                    score = self.block.ffn_update(x, a, ctx).norm(dim=-1) / state.norm(dim=-1)
+                part = _ffn_part(self, x, a)
+            idx = score.topk(capacity_tokens(c, x.shape[1]), dim=1).indices.sort(dim=1).values
+            return self._update_chosen(state, torch.zeros_like(score), idx, ctx.subset(idx, ascending=True), None,
+                                       part)
+
+        for layer in model.layers:
+            layer.forward = types.MethodType(oracle_forward, layer)
+        base = evaluate(model, data, ck.model_cfg, cfg, "cpu")["val_loss"]
+        rows = {}
+        for i in range(ck.model_cfg.n_layers):
+            active.clear()
+            active.add(i)
+            rows[i] = evaluate(model, data, ck.model_cfg, cfg, "cpu")["val_loss"] - base
+            print(f"{routed} layer {i}: +{rows[i]:.4f}", file=sys.stderr, flush=True)
+        out[routed] = {"capacity": c, "base_val_loss": base, "eval_tokens": args.sensitivity_batches * BATCH * SEQ,
+                       "delta_by_layer": rows}
+        save_results(work, results)
+        del model
+
+
+def _block_part(layer, x):
+    from condformer.routing.mod import _BlockPart
+
+    return _BlockPart(layer.block, x)
+
+
+def _ffn_part(layer, x, a):
+    from condformer.routing.mod import _FFNPart
+
+    return _FFNPart(layer.block, x, a)
+
+
 # -- plots -------------------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> None:
     import matplotlib
@@ -259,18 +364,24 @@ def cmd_plot(args: argparse.Namespace) -> None:
     dense = runs["dense-ft"]["val_loss"]
     out = args.figures
     out.mkdir(parents=True, exist_ok=True)
+    steps = runs["dense-ft"]["steps"]
+    stem = "convert-smollm2" if steps == STEPS else f"convert-smollm2-{steps}steps"
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series = [(mode, suffix, marker) for suffix in ("-threshold", "")
+    series = [(mode, kind, marker) for kind in ("-threshold", "", "ffn")
               for mode, marker in (("routers", "o"), ("full", "s"))]
-    for mode, suffix, marker in series:
-        names = [(f"mod-{c}-{mode}{suffix}", c) for c in MOD_CAPACITIES]
+    for mode, kind, marker in series:
+        if kind == "ffn":
+            names = [(f"mod-ffn-{c}-{mode}", c) for c in FFN_CAPACITIES]
+            label = f"MoD FFN only, layers {FFN_LAYERS} (threshold), {mode} trained"
+        else:
+            names = [(f"mod-{c}-{mode}{kind}", c) for c in MOD_CAPACITIES]
+            label = f"MoD block, odd layers ({'threshold' if kind else 'predictor'}), {mode} trained"
         pts = [(speed[f"prefill/{n}"]["causal"]["speedup_median"], runs[n]["val_loss"], c)
                for n, c in names if f"prefill/{n}" in speed and n in runs]
         if pts:
-            router = "threshold" if suffix else "predictor"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls="-" if suffix else ":",
-                    label=f"MoD ({router}), {mode} trained")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=":" if kind == "" else "-",
+                    label=label)
             for sx, sy, c in pts:
                 ax.annotate(f"c={c}", (sx, sy), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(base, color="gray", ls="--", label="unconverted")
@@ -278,10 +389,26 @@ def cmd_plot(args: argparse.Namespace) -> None:
     ax.axhline(base * 1.02, color="red", ls="-.", lw=0.8, label="unconverted +2%")
     ax.set_xlabel("prefill speed vs unconverted (paired median, causal routing)")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"SmolLM2-135M, MoD on 15 of 30 layers, {runs['dense-ft']['steps']} steps")
-    ax.legend(fontsize=7)
+    ax.set_title(f"SmolLM2-135M + MoD, {steps} steps per run")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "convert-smollm2-mod.png", dpi=120)
+    fig.savefig(out / f"{stem}-mod.png", dpi=120)
+
+    if "sensitivity" in results:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for routed, shift in (("block", -0.2), ("ffn", 0.2)):
+            rows = results["sensitivity"][routed]["delta_by_layer"]
+            layers = sorted(rows, key=int)
+            ax.bar([int(i) + shift for i in layers], [rows[i] for i in layers], width=0.4,
+                   label=f"skip the {'whole block' if routed == 'block' else 'FFN only'}")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer (the only one routed; capacity 0.5, oracle choice)")
+        ax.set_ylabel("loss increase (nats/token)")
+        ax.set_title("SmolLM2-135M before training: what skipping half the tokens costs, per layer")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "convert-smollm2-sensitivity.png", dpi=120)
 
     for name in [n for n in speed if n.startswith("speculative/")]:
         rows = speed[name]["rows"]
@@ -296,7 +423,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         ax.set_title("SmolLM2-135M + exits: self-speculative decoding, batch 1")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "convert-smollm2-exits.png", dpi=120)
+        fig.savefig(out / f"{stem}-exits.png", dpi=120)
 
     names = ["dense-ft", "dense-ft-lr3e-4", "moe-8x2-split2", "moe-8x2-split2-lr3e-4"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -311,7 +438,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
     ax.set_title("SmolLM2-135M: upcycled MoE vs continued dense training")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "convert-smollm2-moe.png", dpi=120)
+    fig.savefig(out / f"{stem}-moe.png", dpi=120)
     print(f"figures in {out}")
 
 
@@ -361,7 +488,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "speed", "plot", "table"):
+    for name in ("train", "speed", "sensitivity", "plot", "table"):
         s = sub.add_parser(name)
         s.add_argument("--work", type=Path, default=Path("runs/convert"))
         s.add_argument("--base", type=Path, default=Path("runs/smol"))
@@ -377,8 +504,10 @@ def main() -> None:
         s.add_argument("--draft-depths", type=int, nargs="+", default=[6, 9, 12, 15])
         s.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6])
         s.add_argument("--figures", type=Path, default=Path("benchmarks"))
+        s.add_argument("--sensitivity-batches", type=int, default=2)
     args = p.parse_args()
-    {"train": cmd_train, "speed": cmd_speed, "plot": cmd_plot, "table": cmd_table}[args.cmd](args)
+    {"train": cmd_train, "speed": cmd_speed, "sensitivity": cmd_sensitivity, "plot": cmd_plot,
+     "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
     python benchmarks/convert_smollm2.py speed --base runs/smol --work runs/convert   # alone on the machine
     python benchmarks/convert_smollm2.py plot --work runs/convert                     # figures for RESULTS.md
     python benchmarks/convert_smollm2.py table --work runs/convert                    # its tables (Markdown)
+    python benchmarks/convert_smollm2.py sensitivity --base runs/smol --work runs/convert  # per-layer skip cost
+
+``--steps N`` sets every run's length (default 30; RESULTS.md's main measurement used 150, with ``--only`` naming
+the runs); plots of a run length other than 30 are named ``convert-smollm2-{N}steps-*.png``.
 
 Every run starts from the same imported weights (``train --init-from``), trains on the default corpus (the Python
 standard library, SmolLM2's own tokenizer) for the same steps at batch 4 x 256 tokens, and is scored on the same
@@ -82,6 +86,8 @@ def plan(steps: int = STEPS) -> list[dict[str, Any]]:
     runs.append({"name": "dense-ft-lr3e-4", "convert": None, "train": {"lr": 3e-4}, "bracket": True})
     runs.append({"name": "moe-8x2-split2-lr3e-4", "convert": runs[1]["convert"], "train": {"lr": 3e-4},
                  "bracket": True})
+    runs.append({"name": "moe-8x2-split2-lr3e-5", "convert": runs[1]["convert"], "train": {"lr": 3e-5},
+                 "bracket": True})
     runs.append({"name": "mod-0.5-routers-lr1e-3", "convert": {"technique": "mod", "layers": "odd", "capacity": 0.5,
                                                                "anneal_steps": anneal, "causal_router": "predictor"},
                  "train": {"lr": LR, "lr_new": 1e-3, "trainable": ["routers"]}, "bracket": True})
@@ -109,7 +115,13 @@ def save_results(work: Path, results: dict[str, Any]) -> None:
             else:
                 current[key] = value
         write_json_atomic(work / "results.json", current)
-    results.update(current)
+    # update ``results`` in place, its nested dicts too: callers hold references to them (``speed = results[...]``)
+    # and keep adding keys after this save; replacing them would orphan those later keys
+    for key, value in current.items():
+        if isinstance(value, dict) and isinstance(results.get(key), dict):
+            results[key].update(value)
+        else:
+            results[key] = value
 
 
 def train_config(**overrides: Any):
@@ -410,7 +422,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
         fig.tight_layout()
         fig.savefig(out / "convert-smollm2-sensitivity.png", dpi=120)
 
-    for name in [n for n in speed if n.startswith("speculative/")]:
+    exit_runs = [n for n in speed if n.startswith("speculative/")]
+    for name in exit_runs:
         rows = speed[name]["rows"]
         fig, ax = plt.subplots(figsize=(6, 4))
         for E in sorted({r["E"] for r in rows}):
@@ -420,12 +433,13 @@ def cmd_plot(args: argparse.Namespace) -> None:
         ax.axhline(1.0, color="gray", ls="--")
         ax.set_xlabel("draft length K")
         ax.set_ylabel("tokens/s vs full-depth decoding (paired median)")
-        ax.set_title("SmolLM2-135M + exits: self-speculative decoding, batch 1")
+        ax.set_title(f"SmolLM2-135M {name.split('/', 1)[1]}, {steps} steps: self-speculation, batch 1")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / f"{stem}-exits.png", dpi=120)
+        suffix = "" if len(exit_runs) == 1 else "-" + name.split("/", 1)[1].removeprefix("exits-")
+        fig.savefig(out / f"{stem}-exits{suffix}.png", dpi=120)
 
-    names = ["dense-ft", "dense-ft-lr3e-4", "moe-8x2-split2", "moe-8x2-split2-lr3e-4"]
+    names = ["dense-ft", "dense-ft-lr3e-4", "moe-8x2-split2", "moe-8x2-split2-lr3e-4", "moe-8x2-split2-lr3e-5"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in names:
         if n in runs:
@@ -483,6 +497,16 @@ def cmd_table(args: argparse.Namespace) -> None:
             loads = v["load_max"]
             print(f"\n{n}: forward speedup {v['speedup_median']:.3f}; max expert load / balanced per layer: "
                   f"{min(loads.values()):.2f}-{max(loads.values()):.2f}")
+    sens = results.get("sensitivity", {})
+    if sens:
+        modes = [m for m in ("block", "ffn") if m in sens]
+        first = sens[modes[0]]
+        print(f"\nsensitivity: loss increase (nats/token) when one layer keeps {first['capacity']:g} of its tokens "
+              f"(oracle choice), base {first['base_val_loss']:.4f} on {first['eval_tokens']:,} held-out tokens\n")
+        print("| layer | " + " | ".join(f"routed: {m}" for m in modes) + " |")
+        print("| --- |" + " --- |" * len(modes))
+        for layer in sorted(first["delta_by_layer"], key=int):
+            print(f"| {layer} | " + " | ".join(f"+{sens[m]['delta_by_layer'][layer]:.3f}" for m in modes) + " |")
 
 
 def main() -> None:

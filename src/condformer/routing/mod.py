@@ -13,10 +13,10 @@ Training (and ``eval_routing="topk"``)::
 The block returns its residual-free update, so the residual is neither scaled by the router weight nor
 counted twice. With ``routed: ffn`` the router decides only over the FFN: attention runs for every token (so
 every token stays a key of the layer and is cached), the router reads x + attention, and the chosen tokens'
-FFN update is gathered, weighted and scattered the same way. Top-k over a sequence is not causal (whether token t is chosen depends on later tokens), so
-for evaluation and sampling a per-token **causal decision** replaces it: a token gets the block iff its
-causal logit is > 0. Two ways to learn that logit, trained jointly with the language model (section 3.5
-of the paper):
+FFN update is gathered, weighted and scattered the same way. Top-k over a sequence is not causal (whether
+token t is chosen depends on later tokens), so for evaluation and sampling a per-token **causal decision**
+replaces it: a token gets the block iff its causal logit is > 0. Ways to learn that logit, trained jointly
+with the language model (section 3.5 of the paper) or not at all:
 
 * ``causal_router="aux"``: binary cross-entropy on the router's own logits r against top-k membership;
 * ``causal_router="predictor"``: a small MLP on the stop-gradient router input, trained with the same

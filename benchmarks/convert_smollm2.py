@@ -44,6 +44,7 @@ EXIT_LAYERS = "every:3"  # exits after layers 2, 5, ..., 26 (depths 3, 6, ..., 2
 # MoD routing only the FFN (``--routed ffn``), on the layers the per-layer sensitivity sweep (``sensitivity``)
 # found cheap to skip: all but layer 0 and the last two
 FFN_LAYERS = "1-27"
+ODD_CHEAP_LAYERS = ",".join(str(i) for i in range(3, 28, 2))  # 3, 5, ..., 27
 FFN_CAPACITIES = (0.75, 0.5)
 
 
@@ -75,6 +76,10 @@ def plan(steps: int = STEPS) -> list[dict[str, Any]]:
         for c in MOD_FULL_CAPACITIES:
             conv = {"technique": "mod", "layers": "odd", "capacity": c, "anneal_steps": anneal, "causal_router": causal}
             runs.append({"name": f"mod-{c}-full{suffix}", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW}})
+    # the block on the odd layers the sensitivity sweep found cheap (3-27: not 1 nor 29, the costliest odd ones)
+    conv = {"technique": "mod", "layers": ODD_CHEAP_LAYERS, "capacity": 0.5, "anneal_steps": anneal,
+            "causal_router": "threshold"}
+    runs.append({"name": "mod-0.5-full-threshold-odd3-27", "convert": conv, "train": {"lr": LR, "lr_new": LR_NEW}})
     # MoD on the FFN only (attention for every token), threshold router, on FFN_LAYERS
     for c in FFN_CAPACITIES:
         conv = {"technique": "mod", "layers": FFN_LAYERS, "capacity": c, "anneal_steps": anneal,
@@ -396,6 +401,11 @@ def cmd_plot(args: argparse.Namespace) -> None:
                     label=label)
             for sx, sy, c in pts:
                 ax.annotate(f"c={c}", (sx, sy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    cheap = "mod-0.5-full-threshold-odd3-27"
+    if f"prefill/{cheap}" in speed and cheap in runs:
+        point = (speed[f"prefill/{cheap}"]["causal"]["speedup_median"], runs[cheap]["val_loss"])
+        ax.plot(*point, marker="D", ls="", label="MoD block, odd layers 3-27 (threshold), full trained")
+        ax.annotate("c=0.5", point, textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(base, color="gray", ls="--", label="unconverted")
     ax.axhline(dense, color="black", ls=":", label="dense, same training")
     ax.axhline(base * 1.02, color="red", ls="-.", lw=0.8, label="unconverted +2%")

@@ -114,19 +114,20 @@ def save_results(work: Path, results: dict[str, Any]) -> None:
     with open(work / ".results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         current = load_results(work)
-        for key, value in results.items():
-            if isinstance(value, dict) and isinstance(current.get(key), dict):
-                current[key].update(value)
-            else:
-                current[key] = value
+        _merge_into(current, results)
         write_json_atomic(work / "results.json", current)
-    # update ``results`` in place, its nested dicts too: callers hold references to them (``speed = results[...]``)
-    # and keep adding keys after this save; replacing them would orphan those later keys
-    for key, value in current.items():
-        if isinstance(value, dict) and isinstance(results.get(key), dict):
-            results[key].update(value)
+    # back into ``results`` in place, its nested dicts too: callers hold references to them (``speed =
+    # results[...]``) and keep adding keys after this save; replacing them would orphan those later keys
+    _merge_into(results, current)
+
+
+def _merge_into(target: dict[str, Any], source: dict[str, Any]) -> None:
+    """``source``'s keys into ``target``, one level deep (a nested dict is updated, not replaced)."""
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            target[key].update(value)
         else:
-            results[key] = value
+            target[key] = value
 
 
 def train_config(**overrides: Any):

@@ -110,6 +110,7 @@ ROUTERS = {
     "null": {"top_k": 2, "null_experts": 2},
 }
 PATHS = {
+    "grouped": {"dispatch": "grouped", "capacity_factor": None},  # on CPU: the fused expert kernel
     "sorted": {"dispatch": "sorted", "capacity_factor": None},
     "loop": {"dispatch": "loop", "capacity_factor": None},
     # C = N: nothing can drop (eval capacity is refused in decoders unless allowed: it can see the future)

@@ -50,18 +50,60 @@ def _combine(out_P: torch.Tensor, gate_NK: torch.Tensor, like: torch.Tensor) -> 
     return y.to(like.dtype)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``src[index // repeats]`` where ``index`` is a permutation: backward gathers instead of scattering.
+
+    Autograd's own backward of row indexing is a scatter-add (``index_put_`` with accumulate), which is
+    serial on CPU and atomic (or, deterministically, sort-based) on CUDA. When the rows are a permutation
+    of ``src`` repeated ``repeats`` times, the gradient is a gather by the inverse permutation followed by
+    a sum over each source row's ``repeats`` copies, in a fixed order: faster and deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,  # noqa: ANN001
+                repeats: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.repeats = repeats
+        return src[index // repeats] if repeats > 1 else src[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (inverse,) = ctx.saved_tensors
+        g = grad[inverse]
+        if ctx.repeats > 1:
+            g = g.view(-1, ctx.repeats, *g.shape[1:]).sum(dim=1)
+        return g, None, None, None
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+    """Row ``i`` of the result is ``src[index[i] // repeats]``; ``index`` must be a permutation of
+    ``range(len(src) * repeats)`` and ``inverse`` its inverse (checked only by the tests: no host sync)."""
+    return _GatherRows.apply(src, index, inverse, repeats)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def dropless(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor, bank: StackedExperts,
-             grouped: bool = True) -> torch.Tensor:
-    """Every pair with a real expert is computed (MegaBlocks-style dropless MoE)."""
+             grouped: bool = True, all_real: bool = False) -> torch.Tensor:
+    """Every pair with a real expert is computed (MegaBlocks-style dropless MoE).
+
+    ``all_real``: the caller guarantees every id is a real expert (no no-op experts, no padding), which
+    drops the masking: no rows past the last group, nothing to zero.
+    """
     N, K = expert_NK.shape
     E = bank.n_experts
     e_P = expert_NK.reshape(-1)  # pair p = n*K + j
-    real_P = e_P < E
-    key_P = torch.where(real_P, e_P, E)  # no-op pairs sort last, past every expert's slice
+    real_P = None if all_real else e_P < E
+    key_P = e_P if real_P is None else torch.where(real_P, e_P, E)  # no-op pairs sort last
     order_P = torch.argsort(key_P, stable=True)
-    real_sorted = real_P[order_P][:, None]
+    inverse_P = inverse_permutation(order_P)
     counts = count_ids(key_P, E + 1)[:E]
-    x_sorted = torch.where(real_sorted, x_ND[order_P // K], 0)
+    x_sorted = gather_rows(x_ND, order_P, inverse_P, K)
+    real_sorted = None if real_P is None else real_P[order_P][:, None]
+    if real_sorted is not None:
+        x_sorted = torch.where(real_sorted, x_sorted, 0)
     if grouped:
         out_sorted = bank.grouped(x_sorted, torch.cumsum(counts, 0).to(torch.int32))
     else:  # one host sync for the slice sizes, then E contiguous matmuls
@@ -70,10 +112,9 @@ def dropless(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor,
                                                         strict=True)]
         rest = x_sorted.new_zeros(N * K - sum(sizes), x_ND.shape[1])
         out_sorted = torch.cat([*(c.to(x_ND.dtype) for c in chunks), rest])
-    # rows past the last group are uninitialised (maybe NaN): select, never multiply
-    out_sorted = torch.where(real_sorted, out_sorted, 0)
-    inverse_P = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(N * K, device=x_ND.device))
-    return _combine(out_sorted[inverse_P], gate_NK, x_ND)
+    if real_sorted is not None:  # rows past the last group are uninitialised (maybe NaN): select, never multiply
+        out_sorted = torch.where(real_sorted, out_sorted, 0)
+    return _combine(gather_rows(out_sorted, inverse_P, order_P), gate_NK, x_ND)
 
 
 def with_capacity(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor, bank: StackedExperts,

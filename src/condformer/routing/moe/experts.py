@@ -3,8 +3,9 @@
 Weights: ``w_up`` (E, D, F) or (E, D, 2F) for SwiGLU, and ``w_down`` (E, F, D). Storing them stacked
 instead of as E separate ``nn.Linear`` modules is what lets the same parameters be run four ways:
 
-* :meth:`grouped`  - rows sorted by expert with group ends ``offs``: one grouped matmul per projection
-  (``torch.nn.functional.grouped_mm``), no host sync, no padding (dropless dispatch);
+* :meth:`grouped`  - rows sorted by expert with group ends ``offs`` (dropless dispatch), no padding: on CUDA
+  one grouped matmul per projection (``torch.nn.functional.grouped_mm``, no host sync); on CPU the fused
+  kernel of :mod:`condformer.routing.moe.fused_experts` (each expert's whole FFN in turn, in cache);
 * :meth:`batched`  - a (E, C, D) buffer of C slots per expert: one batched matmul (capacity dispatch,
   expert choice);
 * :meth:`each` / :meth:`run` - one expert at a time on some rows (per-expert loops, the speed reference);
@@ -18,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from condformer.routing.moe.fused_experts import expert_ffn
 
 
 # grouped_mm wrapped as custom ops: torch.compile then treats it as one opaque kernel with our shape rule
@@ -100,6 +103,13 @@ class StackedExperts(nn.Module):
         # as the dense MLP: residual-branch outputs scaled by 1/sqrt(2 * n_layers) (GPT-2)
         nn.init.normal_(self.w_down, std=init_std / math.sqrt(2 * n_layers))
 
+    @property
+    def activation(self) -> str:
+        """The activation's name for the fused CPU kernel."""
+        if self.swiglu:
+            return "swiglu"
+        return "gelu_tanh" if self.approximate == "tanh" else "gelu"
+
     def flops_per_token(self) -> int:
         return 2 * self.d_model * self.d_expert * (3 if self.swiglu else 2)
 
@@ -127,9 +137,14 @@ class StackedExperts(nn.Module):
         """Rows sorted by expert; expert e owns rows [offs[e-1], offs[e]). Rows past offs[-1] are garbage.
 
         Callers must mask rows past ``offs[-1]`` (with ``torch.where``, not a multiply: they may hold NaN).
+        On CPU the fused kernel computes each expert's up, activation and down in turn: measured faster
+        than two grouped matmuls around one activation over all rows, whose P x F intermediate falls out
+        of cache (see ``fused_experts``).
         """
         up, down = self._weights(x_PD)
         x_PD = x_PD.to(up.dtype)
+        if x_PD.device.type == "cpu":  # one expert's whole FFN at a time: its intermediates stay in cache
+            return expert_ffn(x_PD, up, down, offs_E, self.activation)
         h = _grouped_mm(x_PD, up, offs_E)
         return _grouped_mm(self._act(h), down, offs_E)
 

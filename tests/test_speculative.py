@@ -311,9 +311,11 @@ def test_sampling_end_to_end_is_seeded_and_well_formed():
         assert eos not in r[:-1] and (r[-1] == eos or len(r) == 12)
 
 
+@pytest.mark.parametrize("batch", [1, 10])
 @torch.no_grad()
-def test_sampled_sequences_follow_the_full_models_distribution():
-    """On a 3-token vocabulary, the joint distribution of 3 generated tokens equals the full model's (chi^2)."""
+def test_sampled_sequences_follow_the_full_models_distribution(batch):
+    """On a 3-token vocabulary, the joint distribution of 3 generated tokens equals the full model's (chi^2),
+    for one prompt at a time and for the rows of a batch (each row accepts on its own)."""
     model = make_model(n_layers=2, vocab_size=3, seed=4)
     prompt, temperature = [1, 2, 0], 1.5
     seqs = torch.tensor([prompt + [a, b] for a in range(3) for b in range(3)])
@@ -329,10 +331,10 @@ def test_sampled_sequences_follow_the_full_models_distribution():
     g = torch.Generator().manual_seed(0)
     cfg = SamplingConfig(max_new_tokens=3, temperature=temperature)
     drafted = accepted = 0
-    for _ in range(n):
+    for _ in range(n // batch):
         stats: dict = {}
-        (out,) = generate(model, [prompt], cfg, speculative=1, draft_tokens=2, generator=g, stats=stats)
-        counts[tuple(out)] += 1
+        for out in generate(model, [prompt] * batch, cfg, speculative=1, draft_tokens=2, generator=g, stats=stats):
+            counts[tuple(out)] += 1
         drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
     assert 0 < accepted < drafted  # both branches of the rule ran
     chi2 = float(((counts - n * expected) ** 2 / (n * expected)).sum())
@@ -384,3 +386,106 @@ def test_exit_and_speculative_decoding_run_under_bf16_autocast() -> None:
         set_exit_thresholds(model, None)
         spec = generate(model, prompts, SamplingConfig(max_new_tokens=12, greedy=True), speculative=2)
         assert [len(o) for o in spec] == [12, 12] and all(0 <= t < 260 for o in spec for t in o)
+
+
+# -- batches: every row accepts its own number of drafts ------------------------------------------------
+BATCH = [[5, 17, 99, 3, 250, 41], [200, 8, 64], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42, 42], [100, 3, 9, 77],
+         [13], [250, 249, 248, 1, 0]]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_batched_greedy_speculation_equals_each_rows_greedy_output(kind):
+    """Left-padded prompts of 1-9 tokens, decoded together: each row's output is its own greedy output (and
+    what the row gets decoded alone), with per-row counts that add up."""
+    model = make_model(MODELS[kind])
+    N = 12
+    per_row = [naive_greedy(model, p, N) for p in BATCH]
+    for E, K in ((1, 3), (2, 1), (3, 5)):
+        stats: dict = {}
+        out = generate(model, BATCH, greedy(N), speculative=E, draft_tokens=K, stats=stats)
+        assert out == per_row, (E, K)
+        check_stats(stats, out, len(BATCH), K)
+        assert stats["passes"] < stats["rounds"]  # rows shared verification passes
+        alone = [generate(model, [p], greedy(N), speculative=E, draft_tokens=K)[0] for p in BATCH]
+        assert alone == per_row
+    assert 0 < stats["acceptance_rate"] < 1
+
+
+def test_batched_speculation_with_eos_and_rows_that_finish_early():
+    model = make_model()
+    ref = generate(model, BATCH, greedy(16))
+    eos = ref[2][3]
+    want = [naive_greedy(model, p, 16) for p in BATCH]
+    want = [row[: row.index(eos) + 1] if eos in row else row for row in want]
+    assert any(len(row) < 16 for row in want) and any(len(row) == 16 for row in want)
+    stats: dict = {}
+    assert generate(model, BATCH, greedy(16, eos), speculative=2, draft_tokens=4, stats=stats) == want
+    check_stats(stats, want, len(BATCH), 4, eos=True)
+
+
+def test_batched_speculation_near_a_learned_position_tables_end():
+    """Rows reach max_seq_len at different rounds; drafts past a row's budget must not index past the table."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(d_model=32, n_layers=L, n_heads=2, max_seq_len=24, vocab_size=V, positions="learned",
+                      exits=ExitConfig())
+    model = build_model(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompts = [[1] * 20, [3, 4], [9] * 12]
+    N = 4  # the longest prompt + N == max_seq_len
+    want = [naive_greedy(model, p, N) for p in prompts]
+    assert generate(model, prompts, greedy(N), speculative=2, draft_tokens=5) == want
+
+
+@torch.no_grad()
+def test_batched_cache_keeps_exactly_each_rows_accepted_tokens():
+    """After a batched run, each row's valid cache entries equal a prefill of that row's own tokens."""
+    model = make_model()
+    caches: list[KVCache] = []
+    for_model = KVCache.for_model
+
+    def capture(model_, batch, capacity, **kw):
+        cache = for_model(model_, batch, capacity, **kw)
+        caches.append(cache)
+        return cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KVCache, "for_model", staticmethod(capture))
+        stats: dict = {}
+        out = generate(model, BATCH[:4], greedy(10), speculative=2, draft_tokens=3, stats=stats)
+    assert stats["drafted"] > stats["accepted"]
+    for b, prompt in enumerate(BATCH[:4]):
+        seq = prompt + out[b][:-1]
+        ref = for_model(model, 1, len(seq))
+        model(torch.tensor([seq]), cache=ref)
+        for got, want in zip(caches[0].layers, ref.layers, strict=True):
+            keep = got.valid[b, : got.length]
+            assert got.pos[b, : got.length][keep].tolist() == list(range(len(seq)))
+            torch.testing.assert_close(got.k[b, :, : got.length][:, keep], want.k[0, :, : want.length], rtol=0,
+                                       atol=ATOL)
+
+
+def test_invalidate_after_masks_each_rows_later_entries():
+    kv = LayerKV(2, 1, 2, 8, torch.device("cpu"), torch.float32)
+    kv.append(torch.zeros(2, 1, 4, 2), torch.zeros(2, 1, 4, 2), torch.tensor([[0, 1, 2, 3], [0, 0, 1, 2]]),
+              torch.tensor([[True, True, True, True], [False, True, True, True]]))
+    kv.invalidate_after(torch.tensor([1, 2]))
+    assert kv.valid[:, :4].tolist() == [[True, True, False, False], [False, True, True, True]]
+    assert kv.length == 4 and kv.needs_mask
+
+
+def test_batched_sampling_runs_per_row_and_is_seeded():
+    model = make_model([LayerSpec(), MOD])
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.2)
+
+    def run(seed: int) -> list[list[int]]:
+        stats: dict = {}
+        out = generate(model, BATCH, cfg, speculative=2, draft_tokens=3, stats=stats,
+                       generator=torch.Generator().manual_seed(seed))
+        check_stats(stats, out, len(BATCH), 3)
+        return out
+
+    a = run(5)
+    assert [len(row) for row in a] == [10] * len(BATCH) and all(0 <= t < V for row in a for t in row)
+    assert run(5) == a and run(6) != a

@@ -59,6 +59,17 @@ class LayerKV:
         self.length = int((self.pos[0, : self.length] <= max_pos).sum())
 
 
+    def invalidate_after(self, max_pos_B: torch.Tensor) -> None:
+        """Mark row b's entries after position ``max_pos_B[b]`` invalid (rejected speculative tokens of a batch).
+
+        Rows accept different numbers of drafts, so the entries cannot be cut off at one length as
+        :meth:`truncate_after` does; they stay in place, masked out, and later entries reuse their positions.
+        """
+        n = self.length
+        self.valid[:, :n] &= self.pos[:, :n] <= max_pos_B[:, None]
+        self.all_valid = False
+
+
 class KVCache:
     """One :class:`LayerKV` per layer, sized for ``capacity`` tokens per sequence."""
 
@@ -77,6 +88,11 @@ class KVCache:
         """Forget every layer's entries after position ``max_pos`` (one sequence)."""
         for layer in self.layers:
             layer.truncate_after(max_pos)
+
+    def invalidate_after(self, max_pos_B: torch.Tensor) -> None:
+        """Per row: forget every layer's entries after position ``max_pos_B[b]`` (a batch of sequences)."""
+        for layer in self.layers:
+            layer.invalidate_after(max_pos_B)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, capacity: int, *, monotonic: bool = False) -> KVCache:

@@ -12,8 +12,11 @@ predictions decide what is kept:
   norm(max(0, p - q)); if every draft is kept a bonus token is drawn from p. Each emitted token then has
   exactly the full model's sampling distribution p (the same temperature, top-k and top-p).
 
-Rejected drafts' keys and values are dropped from every layer (``KVCache.truncate_after``). Prompts are
-decoded one at a time (a batch's rows would accept different numbers of tokens).
+A batch of prompts is decoded together: every row drafts and verifies in the same passes, and each row
+keeps its own number of accepted drafts. Rejected drafts' keys and values are dropped from every layer: cut
+off (``KVCache.truncate_after``) for one sequence; for a batch, whose rows accept different numbers, marked
+invalid per row (``KVCache.invalidate_after``), so attention ignores them and the cache keeps one length.
+A row that is done (its tokens or eos) rides along without keeping anything until the last row finishes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from condformer.cache import KVCache
 from condformer.errors import CondformerError
-from condformer.generation.sampling import check_request, sampling_probs
+from condformer.generation.sampling import check_request, left_pad, sampling_probs
 
 
 def accept_sampled(p_KV: torch.Tensor, q_KV: torch.Tensor, drafts_K: torch.Tensor, p_bonus_V: torch.Tensor,
@@ -76,10 +79,11 @@ def generate_speculative(model: nn.Module, prompts: Sequence[Sequence[int]], cfg
         raise CondformerError("streaming (on_tokens) with speculative decoding takes one prompt at a time")
     was_training = model.training
     model.eval()
-    counts = {"drafted": 0, "accepted": 0, "rounds": 0}
+    # rounds: verifications per row (as if each row were decoded alone); passes: batched verify passes
+    counts = {"drafted": 0, "accepted": 0, "rounds": 0, "passes": 0}
     try:
-        out = [_decode_one(model, list(p), cfg, draft_layers, k_draft, draft_tokens, generator, on_tokens, counts)
-               for p in prompts]
+        out = _decode_batch(model, [list(p) for p in prompts], cfg, draft_layers, k_draft, draft_tokens, pad_id,
+                            generator, on_tokens, counts)
     finally:
         model.train(was_training)
     if stats is not None:
@@ -91,80 +95,114 @@ def generate_speculative(model: nn.Module, prompts: Sequence[Sequence[int]], cfg
     return out
 
 
-def _pick(logits_1V: torch.Tensor, cfg, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:  # noqa: ANN001
-    """A token from logits, and the distribution it was drawn from (None when greedy)."""
-
+def _pick(logits_BV: torch.Tensor, cfg, generator: torch.Generator | None,  # noqa: ANN001
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token per row (B,), and the distributions they were drawn from (B, V; None when greedy)."""
     if cfg.greedy:
-        return int(logits_1V.float().argmax(dim=-1)), None
-    probs = sampling_probs(logits_1V, cfg)
-    return int(torch.multinomial(probs, 1, generator=generator)), probs[0]
+        return logits_BV.float().argmax(dim=-1), None
+    probs = sampling_probs(logits_BV, cfg)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
 
 
-def _decode_one(model: nn.Module, prompt: list[int], cfg, E: int, k_draft: int, draft_tokens: int,  # noqa: ANN001
-                generator: torch.Generator | None, on_tokens: Callable[[torch.Tensor], None] | None,
-                counts: dict) -> list[int]:
+def _accept(full_BJV: torch.Tensor, drafts_BK: torch.Tensor, q_BKV: torch.Tensor | None, cfg,  # noqa: ANN001
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (drafts kept, the token after them), from the full model's logits at the K + 1 positions."""
+    B, K = drafts_BK.shape
+    if cfg.greedy:
+        target = full_BJV.float().argmax(dim=-1)  # (B, K + 1)
+        kept = (drafts_BK == target[:, :K]).long().cumprod(dim=1).sum(dim=1)  # the longest agreeing prefix
+        return kept, target.gather(1, kept[:, None]).squeeze(1)
+    p = sampling_probs(full_BJV.reshape(B * (K + 1), -1), cfg).view(B, K + 1, -1)
+    rows = [accept_sampled(p[b, :K], q_BKV[b] if q_BKV is not None else p[b, :0], drafts_BK[b], p[b, K], generator)
+            for b in range(B)]
+    device = drafts_BK.device
+    return (torch.tensor([j for j, _ in rows], device=device), torch.tensor([t for _, t in rows], device=device))
 
+
+def _decode_batch(model: nn.Module, prompts: list[list[int]], cfg, E: int, k_draft: int,  # noqa: ANN001
+                  draft_tokens: int, pad_id: int, generator: torch.Generator | None,
+                  on_tokens: Callable[[torch.Tensor], None] | None, counts: dict) -> list[list[int]]:
     exits, N = model.exits, model.cfg.n_layers
     device = next(model.parameters()).device
-    T = len(prompt)
-    cache = KVCache.for_model(model, 1, T + cfg.max_new_tokens + draft_tokens + 1, monotonic=True)
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    tok, _ = _pick(model(ids, cache=cache, last_only=True).logits[:, -1], cfg, generator)
-    new: list[int] = []
+    tokens, positions, valid = left_pad(prompts, pad_id, device)
+    B, T = tokens.shape
+    # one sequence truncates its rejected entries; a batch appends every round's K + 1 and masks the rejected
+    rounds = cfg.max_new_tokens  # at most: every round emits at least one token per unfinished row
+    capacity = T + cfg.max_new_tokens + draft_tokens + 1 if B == 1 else T + 1 + rounds * (draft_tokens + 1)
+    cache = KVCache.for_model(model, B, capacity, monotonic=True)
+    all_valid = bool(valid.all())
+    out = model(tokens, positions_BT=positions, valid_BT=None if all_valid else valid, cache=cache, last_only=True)
+    tok_B, _ = _pick(out.logits[:, -1], cfg, generator)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
 
-    def emit(tokens: list[int]) -> bool:
-        """Append tokens (stopping at eos); True when generation is over."""
-        for t in tokens:
-            if len(new) >= cfg.max_new_tokens:
-                return True
-            new.append(t)
+    def emit(b: int, toks: list[int]) -> None:
+        """Append row b's tokens, stopping at its budget or eos."""
+        for t in toks:
+            if len(new[b]) >= cfg.max_new_tokens:
+                break
+            new[b].append(t)
             if on_tokens is not None:
                 on_tokens(torch.tensor([t], device=device))
             if cfg.eos_id is not None and t == cfg.eos_id:
-                return True
-        return len(new) >= cfg.max_new_tokens
+                done[b] = True
+                return
+        done[b] = done[b] or len(new[b]) >= cfg.max_new_tokens
 
-    if emit([tok]):  # the prefill's token
-        return new
-    pos = T  # the position of ``tok``, the newest token not yet in the cache
-
+    first = tok_B.tolist()
+    for b in range(B):
+        emit(b, [first[b]])
+    pos_B = positions[:, -1] + 1  # each row's position of ``tok_B``, the newest token not yet in the cache
+    # a draft past a row's budget is computed (the batch drafts K for every row) but never emitted; clamping
+    # keeps its position inside a learned position table, and no query whose output is kept can see it
+    last_pos = model.cfg.max_seq_len - 1
     stream, heads = model.stream, model.exit_heads()
 
-    def lower(token: int, p: int) -> object:
-        """One token through the first E layers (its keys and values cached there); its stream state."""
-        t = torch.tensor([[token]], dtype=torch.long, device=device)
-        ctx = model.context(t, torch.tensor([[p]], device=device), None, cache)
+    def lower(tok: torch.Tensor, p_B: torch.Tensor) -> object:
+        """One token per row through the first E layers (keys and values cached there); the stream state."""
+        t, p = tok[:, None], p_B.clamp(max=last_pos)[:, None]
+        ctx = model.context(t, p, None, cache)
         return model.run(model.enter(t, ctx.positions_BT), ctx, layers=range(E))
 
-    while True:
-        K = min(draft_tokens, cfg.max_new_tokens - len(new) - 1)  # more drafts than tokens left is waste
+    while not all(done):
+        active = [b for b in range(B) if not done[b]]
+        # more drafts than the longest remaining budget is waste
+        K = min(draft_tokens, max(cfg.max_new_tokens - len(new[b]) for b in active) - 1)
         states, drafts, qs = [], [], []
-        cur = tok
+        cur = tok_B
         for j in range(K):
-            h = lower(cur, pos + j)
+            h = lower(cur, pos_B + j)
             states.append(h)
             cur, q = _pick(heads.logits(k_draft, stream.readout(h))[:, -1], cfg, generator)
             drafts.append(cur)
             qs.append(q)
-        states.append(lower(cur, pos + K))
-        positions = torch.arange(pos, pos + K + 1, device=device)[None]
-        ctx = model.context(torch.tensor([[tok, *drafts]], device=device), positions, None, cache)
+        states.append(lower(cur, pos_B + K))
+        steps = torch.arange(K + 1, device=device)
+        drafts_BK = torch.stack(drafts, dim=1) if drafts else tok_B.new_zeros(B, 0)
+        ctx = model.context(torch.cat([tok_B[:, None], drafts_BK], dim=1),
+                            (pos_B[:, None] + steps).clamp(max=last_pos), None, cache)
         H = model.run(stream.cat_time(states), ctx, layers=range(E, N))  # verify: the remaining layers at once
-        full = heads.logits(exits.last, stream.readout(H))[0]  # (K + 1, V)
-        if cfg.greedy:
-            target = full.float().argmax(dim=-1).tolist()
-            j = 0
-            while j < K and drafts[j] == target[j]:
-                j += 1
-            nxt = target[j]
+        full = heads.logits(exits.last, stream.readout(H))  # (B, K + 1, V)
+        q_BKV = torch.stack(qs, dim=1) if qs and qs[0] is not None else None
+        kept_B, next_B = _accept(full, drafts_BK, q_BKV, cfg, generator)
+        running = torch.tensor([not d for d in done], device=device)
+        kept_B = torch.where(running, kept_B, -1)  # a finished row keeps nothing of this round
+        if B == 1:
+            cache.truncate_after(int(pos_B[0] + kept_B[0]))  # keep tok and the accepted drafts
         else:
-            p = sampling_probs(full, cfg)
-            j, nxt = accept_sampled(p[:K], torch.stack(qs) if qs else p[:0], torch.tensor(drafts, device=device),
-                                    p[K], generator)
-        counts["drafted"] += K
-        counts["accepted"] += j
-        counts["rounds"] += 1
-        cache.truncate_after(pos + j)  # keep tok and the accepted drafts
-        if emit([*drafts[:j], nxt]):
-            return new
-        tok, pos = nxt, pos + j + 1
+            cache.invalidate_after(pos_B + kept_B)
+        kept, nxt, rows = kept_B.tolist(), next_B.tolist(), drafts_BK.tolist()
+        counts["passes"] += 1
+        for b in active:
+            # counted per row, as if it were decoded alone: the drafts within its budget, and of those the
+            # kept ones. A row may keep drafts past its budget; the token after its last counted draft is
+            # then that draft's successor in the kept prefix, which the full model also predicted
+            useful = min(K, cfg.max_new_tokens - len(new[b]) - 1)
+            accepted = min(kept[b], useful)
+            counts["drafted"] += useful
+            counts["accepted"] += accepted
+            counts["rounds"] += 1
+            emit(b, [*rows[b][: kept[b]], nxt[b]][: accepted + 1])
+        tok_B = torch.where(running, next_B, tok_B)
+        pos_B = torch.where(running, pos_B + kept_B + 1, pos_B)
+    return new

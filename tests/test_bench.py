@@ -284,6 +284,26 @@ def test_memory_failure_is_a_warning_not_a_crash(monkeypatch: pytest.MonkeyPatch
     assert "warning:" in format_bench(r)
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("mode", ["train", "forward"])
+def test_compile_flag_runs_both_models_compiled(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """--compile times the compiled modules (here with the cheap 'eager' dynamo backend) and says so."""
+    compiled: list[torch.nn.Module] = []
+    original = torch.compile
+
+    def spy(model: torch.nn.Module) -> Any:
+        compiled.append(model)
+        return original(model, backend="eager")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", spy)
+    r = run_bench(fast(small(), vs=big(), mode=mode, compile=True), progress=False)
+    assert r["compile"] is True and len(compiled) == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # dynamo traced both models
+    plain = run_bench(fast(small(), mode=mode), progress=False)
+    assert plain["compile"] is False and len(compiled) == 2
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, match", [
     (dict(mode="sideways"), "unknown bench mode"),
@@ -292,6 +312,7 @@ def test_memory_failure_is_a_warning_not_a_crash(monkeypatch: pytest.MonkeyPatch
     (dict(repeats=0), "repeats"),
     (dict(dtype="fp8"), "dtype"),
     (dict(min_time_s=-1.0), "min_time_s"),
+    (dict(mode="generate", compile=True), "--compile applies to --mode train and forward"),
 ])
 def test_bad_input_is_a_one_line_config_error(kw: dict[str, Any], match: str) -> None:
     args = dict(seq_len=SEQ, batch_size=BATCH, memory=False)

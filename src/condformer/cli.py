@@ -392,7 +392,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
                       dtype=args.dtype, memory=not args.no_memory, eval_routing=args.eval_routing, data=args.data,
                       exit_threshold=None if args.exit_threshold is None else parse_thresholds(args.exit_threshold),
-                      speculative=args.speculative, draft_tokens=args.draft_tokens,
+                      speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile,
                       **({} if args.new_tokens is None else {"new_tokens": args.new_tokens}))
     result = run_bench(cfg, progress=not args.no_progress)
     _emit(args, format_bench(result), result)
@@ -580,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="time on windows of this corpus (stdlib, PATH) instead of random tokens")
     s.add_argument("--new-tokens", type=POSITIVE_INT, help="generate mode: tokens decoded per prompt (default 32)")
     _add_exit_decoding_args(s, "generate mode, --preset only (the baseline --vs decodes at full depth): ")
+    s.add_argument("--compile", action="store_true",
+                   help="train and forward modes: torch.compile both models (warm-up iterations pay the compile)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_bench)

@@ -46,6 +46,8 @@ class BenchConfig:
     exit_threshold: float | list[float] | None = None
     speculative: int | None = None
     draft_tokens: int = 4
+    # train and forward modes: run both models through torch.compile (the warm-up pays the compilation)
+    compile: bool = False
 
     def validate(self) -> BenchConfig:
         """Check the fields that do not depend on the models; one-line :class:`ConfigError` otherwise."""
@@ -67,6 +69,9 @@ class BenchConfig:
             raise ConfigError("--exit-threshold and --speculative time generation; use --mode generate")
         if self.exit_threshold is not None and self.speculative is not None:
             raise ConfigError("--speculative verifies every token at full depth; it takes no --exit-threshold")
+        if self.compile and self.mode == "generate":
+            raise ConfigError("--compile applies to --mode train and forward (decoding is not compiled); drop "
+                              "--compile or pick another mode")
         if self.mode == "generate":
             _check_int(self, "new_tokens", minimum=1)
             _check_int(self, "draft_tokens", minimum=1)

@@ -126,6 +126,8 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
     model.set_inference(routing=cfg.eval_routing if cfg.mode == "forward" else "causal", missing="ignore")
     x, y = tokens.to(device), targets.to(device)
     dtype = cfg.dtype
+    # the compiled module shares the model's parameters; the first (warm-up) calls compile it
+    run = torch.compile(model) if cfg.compile else model
     opt: torch.optim.Optimizer | None = None
 
     if cfg.mode == "forward":
@@ -133,7 +135,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
 
         def step() -> None:
             with torch.no_grad(), _autocast(dtype, device):
-                model(x)
+                run(x)
 
     elif cfg.mode == "train":
         model.train()
@@ -142,7 +144,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
 
         def step() -> None:
             with _autocast(dtype, device):
-                out = model(x, y)
+                out = run(x, y)
                 loss = out.train_loss
             loss.backward()
             adamw.step()

@@ -179,7 +179,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "mode": cfg.mode, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "device": str(device),
         "dtype": cfg.dtype, "repeats": cfg.repeats, "warmup": cfg.warmup, "min_time_s": cfg.min_time_s,
         "new_tokens": cfg.new_tokens if cfg.mode == "generate" else None,
-        "contention_threshold": cfg.contention_threshold, "seed": cfg.seed,
+        "contention_threshold": cfg.contention_threshold, "seed": cfg.seed, "compile": cfg.compile,
         "models": models,
         "time_ratio": None, "speedup": None, "flop_ratio": None, "ideal_speedup": None, "efficiency": None,
         "memory_ratio": None, "paired_speedup": None,

@@ -1,0 +1,63 @@
+"""Collect the rows of ``benchmarks/gpu.sh`` into one JSON and one Markdown table: ``python gpu_table.py DIR``."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+
+def _bench_row(name: str, r: dict) -> dict:
+    a, b = list(r["models"].values())[:2]
+    return {"row": name, "mode": r["mode"], "A": a["preset"], "B": b["preset"], "batch": r["batch_size"],
+            "seq_len": r["seq_len"], "A_ms": 1e3 * a["median_s"], "B_ms": 1e3 * b["median_s"],
+            "paired_speedup": r["paired_speedup"], "flop_ratio": r["flop_ratio"], "dtype": r["dtype"],
+            "compile": r.get("compile", False), "device": r["device"], "machine": r.get("machine", {})}
+
+
+def collect(out: pathlib.Path) -> dict:
+    rows, device = [], None
+    for path in sorted(out.glob("*.json")):
+        if path.name in ("gpu.json", "moe-peer.json"):
+            continue
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        rows.append(_bench_row(path.stem, r))
+    peer_path = out / "moe-peer.json"
+    peer = json.loads(peer_path.read_text()) if peer_path.exists() else None
+    if peer is not None:
+        device = peer["device"]
+    tests = (out / "tests.txt").read_text().strip().splitlines()[-1:] if (out / "tests.txt").exists() else []
+    return {"device": device, "tests": tests[0] if tests else None, "rows": rows, "moe_peer": peer}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}; tests: {result['tests']}", "",
+             "| row | mode | A vs B | batch x T | A ms | B ms | paired speedup | FLOP ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {r['mode']}{' (compiled)' if r['compile'] else ''} | {r['A']} vs {r['B']} | "
+                     f"{r['batch']} x {r['seq_len']} | {r['A_ms']:.1f} | {r['B_ms']:.1f} | "
+                     f"{r['paired_speedup']:.2f}x | {r['flop_ratio']:.3f} |")
+    peer = result["moe_peer"]
+    if peer:
+        lines += ["", f"MoE layer, {peer['mode']}, T {peer['tokens']}, d {peer['d_model']}, {peer['experts']} experts "
+                  f"of {peer['expert_dim']}, top-{peer['top_k']}, {peer['dtype']}:", "",
+                  "| row | ms | tokens/s vs dense |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {v['median_ms']:.1f} | {v['speed_vs_dense']:.3f} |" for k, v in peer["rows"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    out = pathlib.Path(argv[0])
+    result = collect(out)
+    (out / "gpu.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (out / "gpu.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

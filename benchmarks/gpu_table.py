@@ -28,9 +28,13 @@ def collect(out: pathlib.Path) -> dict:
     peer_path = out / "moe-peer.json"
     peer = json.loads(peer_path.read_text()) if peer_path.exists() else None
     if peer is not None:
-        device = peer["device"]
+        device = f"{peer['device']} (torch {peer['torch']}, {peer['threads']} CPU threads)"
     tests = (out / "tests.txt").read_text().strip().splitlines()[-1:] if (out / "tests.txt").exists() else []
     return {"device": device, "tests": tests[0] if tests else None, "rows": rows, "moe_peer": peer}
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def markdown(result: dict) -> str:
@@ -40,7 +44,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['row']} | {r['mode']}{' (compiled)' if r['compile'] else ''} | {r['A']} vs {r['B']} | "
                      f"{r['batch']} x {r['seq_len']} | {r['A_ms']:.1f} | {r['B_ms']:.1f} | "
-                     f"{r['paired_speedup']:.2f}x | {r['flop_ratio']:.3f} |")
+                     f"{_num(r['paired_speedup'], '.2f')}x | {_num(r['flop_ratio'], '.3f')} |")
     peer = result["moe_peer"]
     if peer:
         lines += ["", f"MoE layer, {peer['mode']}, T {peer['tokens']}, d {peer['d_model']}, {peer['experts']} experts "

@@ -7,8 +7,10 @@ Rejected drafts leave nothing in the cache.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -160,11 +162,9 @@ def test_good_drafts_are_partly_accepted_and_the_output_is_unchanged():
         check_stats(stats, ref, len(PROMPTS), K)
 
 
-# -- the cache after speculative decoding holds exactly the accepted tokens -----------------------------
-@pytest.mark.parametrize("kind", list(MODELS))
-@torch.no_grad()
-def test_cache_after_speculative_decoding_equals_a_prefill_of_the_output(kind):
-    model = make_model(MODELS[kind])
+@contextlib.contextmanager
+def captured_caches() -> Iterator[list[KVCache]]:
+    """Every KV cache the decoders create while the block runs, in order."""
     caches: list[KVCache] = []
     for_model = KVCache.for_model
 
@@ -173,11 +173,20 @@ def test_cache_after_speculative_decoding_equals_a_prefill_of_the_output(kind):
         caches.append(cache)
         return cache
 
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KVCache, "for_model", staticmethod(capture))
+        yield caches
+
+
+# -- the cache after speculative decoding holds exactly the accepted tokens -----------------------------
+@pytest.mark.parametrize("kind", list(MODELS))
+@torch.no_grad()
+def test_cache_after_speculative_decoding_equals_a_prefill_of_the_output(kind):
+    model = make_model(MODELS[kind])
+    for_model = KVCache.for_model
     N = 15
     for prompt in PROMPTS:
-        caches.clear()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(KVCache, "for_model", staticmethod(capture))
+        with captured_caches() as caches:
             stats: dict = {}
             (out,) = generate(model, [prompt], greedy(N), speculative=2, draft_tokens=3, stats=stats)
         assert len(caches) == 1 and stats["drafted"] > stats["accepted"]  # some drafts were rejected
@@ -442,16 +451,8 @@ def test_batched_speculation_near_a_learned_position_tables_end():
 def test_batched_cache_keeps_exactly_each_rows_accepted_tokens():
     """After a batched run, each row's valid cache entries equal a prefill of that row's own tokens."""
     model = make_model()
-    caches: list[KVCache] = []
     for_model = KVCache.for_model
-
-    def capture(model_, batch, capacity, **kw):
-        cache = for_model(model_, batch, capacity, **kw)
-        caches.append(cache)
-        return cache
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(KVCache, "for_model", staticmethod(capture))
+    with captured_caches() as caches:
         stats: dict = {}
         out = generate(model, BATCH[:4], greedy(10), speculative=2, draft_tokens=3, stats=stats)
     assert stats["drafted"] > stats["accepted"]

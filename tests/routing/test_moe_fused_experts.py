@@ -47,12 +47,16 @@ def _grads(fn, x: torch.Tensor, bank: StackedExperts, g: torch.Tensor) -> tuple[
     return (y, *torch.autograd.grad(y, [x, bank.w_up, bank.w_down], g))
 
 
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, offs, output gradient) for 30 rows in the groups of OFFS."""
+    x = torch.randn(30, 16, dtype=F64, requires_grad=True)
+    return x, torch.tensor(OFFS, dtype=torch.int32), torch.randn(30, 16, dtype=F64)
+
+
 @pytest.mark.parametrize("act", list(ACTS))
 def test_eager_kernel_equals_per_expert_autograd(act):
     bank = _bank(act)
-    x = torch.randn(30, 16, dtype=F64, requires_grad=True)
-    offs = torch.tensor(OFFS, dtype=torch.int32)
-    g = torch.randn(30, 16, dtype=F64)
+    x, offs, g = _inputs()
     got = _grads(lambda: bank.grouped(x, offs), x, bank, g)
     ref = _grads(lambda: _reference(bank, x, OFFS), x, bank, g)
     for a, b, name in zip(got, ref, ["out", "grad x", "grad w_up", "grad w_down"], strict=True):
@@ -66,9 +70,7 @@ def test_eager_kernel_equals_per_expert_autograd(act):
 def test_compile_ops_equal_the_eager_kernel(act):
     """The custom-op pair (what torch.compile traces) gives the eager Function's output and gradients."""
     bank = _bank(act)
-    x = torch.randn(30, 16, dtype=F64, requires_grad=True)
-    offs = torch.tensor(OFFS, dtype=torch.int32)
-    g = torch.randn(30, 16, dtype=F64)
+    x, offs, g = _inputs()
     eager = _grads(lambda: expert_ffn(x, bank.w_up, bank.w_down, offs, act), x, bank, g)
     ops = _grads(lambda: _expert_ffn(x, bank.w_up, bank.w_down, offs, act)[0], x, bank, g)
     for a, b in zip(eager, ops, strict=True):

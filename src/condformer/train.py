@@ -306,7 +306,15 @@ def _ignored_settings(model_cfg: ModelConfig, cfg: TrainConfig, ck: Checkpoint) 
             for k, v in given.items() if k in saved and v != saved[k]]
 
 
-def _stats_to_floats(acc: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+def _stats_to_floats(acc: dict[str, torch.Tensor], n: int, world: int = 1) -> dict[str, float]:
+    """The logged statistics: means over the micro-batches since the last row and, under torch.distributed,
+    over the ranks (one all-reduce; every rank runs the same model, so all hold the same keys)."""
+    if world > 1 and acc:
+        keys = sorted(acc)
+        device = next((v.device for v in acc.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        values = torch.stack([torch.as_tensor(acc[k], dtype=torch.float32, device=device) for k in keys])
+        dist.all_reduce(values)
+        return {k: float(v) / (n * world) for k, v in zip(keys, values.tolist(), strict=True)}
     return {k: float(v) / n for k, v in acc.items()}
 
 
@@ -510,7 +518,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
                 else:
                     last_loss = float(loss_avg)
                     if done % cfg.log_every == 0 or done == total_steps:  # the row is built before the update
-                        last_stats = _stats_to_floats(stat_acc, max(n_acc, 1))
+                        last_stats = _stats_to_floats(stat_acc, max(n_acc, 1), world)
                         row = {"step": done, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
                                "tokens": done * tokens_per_step, "train_flops": done * flops_per_step}
                         stat_acc, n_acc = {}, 0

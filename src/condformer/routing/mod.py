@@ -54,6 +54,7 @@ from condformer.config import LayerSpec, ModelConfig
 from condformer.context import Context
 from condformer.errors import ConfigError
 from condformer.options import ComponentOptions, option
+from condformer.parallel.global_batch import MICRO_BATCH, batch_scope
 from condformer.refusals import refuse
 from condformer.registry import FFNS, ROUTERS
 from condformer.step_counter import StepCounter, linear_ramp
@@ -349,7 +350,8 @@ class MoDRouter(nn.Module):
         """Score the running threshold on this batch, then move it towards the batch's top-k boundary.
 
         A row's boundary is midway between its lowest chosen and its highest unchosen real token; rows with no
-        unchosen token (capacity 1) or no chosen one say nothing. Skipped in a recomputed forward
+        unchosen token (capacity 1) or no chosen one say nothing; in multi-process training the boundary is the mean
+        over every rank's rows (:mod:`condformer.parallel.global_batch`). Skipped in a recomputed forward
         (``ctx.accumulate`` False), so activation checkpointing would not move it twice.
         """
         self._decision_stats(self.causal_logits(x_BTD, r_BT) > 0, routed_BT, ctx)
@@ -362,9 +364,12 @@ class MoDRouter(nn.Module):
         highest_unchosen_B = torch.where(real_BT & ~routed_BT, r, -inf).amax(dim=1)
         rows_B = torch.isfinite(lowest_chosen_B) & torch.isfinite(highest_unchosen_B)
         # all on the device, no host sync: a batch without a boundary leaves the threshold as it is
-        n_rows = rows_B.sum()
         mid_B = torch.where(rows_B, (lowest_chosen_B + highest_unchosen_B) / 2, 0.0)
-        boundary = mid_B.sum() / n_rows.clamp(min=1)
+        # over every data-parallel rank's rows: the buffer stays the same on all ranks (FSDP does not broadcast
+        # buffers) and equals one process's at the global batch size
+        scope = batch_scope("global") if self.training else MICRO_BATCH
+        mid_sum, n_rows = scope.counts(torch.stack([mid_B.sum(), rows_B.sum().to(mid_B.dtype)]))
+        boundary = mid_sum / n_rows.clamp(min=1)
         old = self.threshold.float()
         moved = torch.where(torch.isfinite(old), old + self.threshold_momentum * (boundary - old), boundary)
         self.threshold.copy_(torch.where(n_rows > 0, moved, old).to(self.threshold.dtype))

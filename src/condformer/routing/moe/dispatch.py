@@ -117,6 +117,47 @@ def dropless(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor,
     return _combine(gather_rows(out_sorted, inverse_P, order_P), gate_NK, x_ND)
 
 
+def _capacity_order(expert_NK: torch.Tensor, gate_NK: torch.Tensor | None, n_experts: int, capacity: int,
+                    policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs in choice-major order (p = j*N + n) sorted by expert and priority within an expert.
+
+    Returns (order_P, key_sorted, rank_sorted, keep_sorted): the sorting permutation, each sorted pair's expert
+    (E for no-op pairs), its place in its expert's queue, and whether it fits within ``capacity``.
+    """
+    N, K = expert_NK.shape
+    E = n_experts
+    e_P = expert_NK.t().reshape(-1)
+    key_P = torch.where(e_P < E, e_P, E)
+    if policy == "score":
+        if gate_NK is None:
+            raise ValueError("the 'score' drop policy needs the gates")
+        pre = torch.argsort(-gate_NK.t().reshape(-1).float(), stable=True)
+        order_P = pre[torch.argsort(key_P[pre], stable=True)]
+    elif policy == "position":
+        order_P = torch.argsort(key_P, stable=True)
+    else:
+        raise ValueError(f"unknown drop policy {policy!r}; choose one of {DROP_POLICIES}")
+    key_sorted = key_P[order_P]
+    counts = count_ids(key_P, E + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(N * K, device=expert_NK.device) - starts[key_sorted]
+    return order_P, key_sorted, rank_sorted, (key_sorted < E) & (rank_sorted < capacity)
+
+
+def capacity_keep(expert_NK: torch.Tensor, gate_NK: torch.Tensor | None, n_experts: int, capacity: int,
+                  policy: str = "position") -> torch.Tensor:
+    """kept_NK: which pairs :func:`with_capacity` would keep, without computing anything.
+
+    Used where the choice must be made over more rows than this process computes (every data-parallel rank's,
+    :mod:`condformer.parallel.global_batch`) and the kept pairs are then run dropless. ``gate_NK`` is read by
+    the ``score`` policy only (None will do for ``position``).
+    """
+    order_P, _, _, keep_sorted = _capacity_order(expert_NK, gate_NK, n_experts, capacity, policy)
+    keep_P = torch.empty_like(keep_sorted).scatter_(0, order_P, keep_sorted)
+    N, K = expert_NK.shape
+    return keep_P.view(K, N).t()
+
+
 def with_capacity(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor, bank: StackedExperts,
                   capacity: int, policy: str = "position") -> tuple[torch.Tensor, torch.Tensor]:
     """Static (E, C, D) dispatch; returns (y_ND, kept_NK), kept False for dropped and no-op pairs.
@@ -127,21 +168,8 @@ def with_capacity(x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Te
     """
     N, K = expert_NK.shape
     E, C, D = bank.n_experts, capacity, x_ND.shape[1]
-    e_P = expert_NK.t().reshape(-1)  # choice-major pairs: p = j*N + n
     token_P = torch.arange(N, device=x_ND.device).repeat(K)
-    key_P = torch.where(e_P < E, e_P, E)
-    if policy == "score":
-        pre = torch.argsort(-gate_NK.t().reshape(-1).float(), stable=True)
-        order_P = pre[torch.argsort(key_P[pre], stable=True)]
-    elif policy == "position":
-        order_P = torch.argsort(key_P, stable=True)
-    else:
-        raise ValueError(f"unknown drop policy {policy!r}; choose one of {DROP_POLICIES}")
-    key_sorted = key_P[order_P]
-    counts = count_ids(key_P, E + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(N * K, device=x_ND.device) - starts[key_sorted]
-    keep_sorted = (key_sorted < E) & (rank < C)
+    order_P, key_sorted, rank, keep_sorted = _capacity_order(expert_NK, gate_NK, E, C, policy)
     dummy = E * C  # dropped pairs all point at one extra zero slot
     slot_sorted = torch.where(keep_sorted, key_sorted * C + rank, dummy)
     slot_token = torch.full((E * C + 1,), N, dtype=torch.long, device=x_ND.device)

@@ -32,6 +32,7 @@ from torch import nn
 from condformer.config import LayerSpec, ModelConfig
 from condformer.errors import ConfigError
 from condformer.options import ComponentOptions, option
+from condformer.parallel.global_batch import MICRO_BATCH, SCOPES, BatchScope, batch_scope
 from condformer.refusals import refuse
 from condformer.registry import FFNS
 from condformer.routing.moe import dispatch, losses
@@ -61,8 +62,11 @@ class MoE(ComponentOptions):
     the model's d_ff; smaller: fine-grained experts). shared_experts: always-on experts; null_experts:
     experts that compute nothing (integrated MoDE). granularity: route each token, or each sequence by its
     mean state. balance_coef / balance_convention / z_coef / importance_coef / load_coef: the auxiliary
-    losses; aux_free_rate > 0: DeepSeek-V3's bias balancing step. allow_noncausal: permit expert_choice or
-    sequence routing in a decoder (no KV-cached generation).
+    losses; aux_free_rate > 0: DeepSeek-V3's bias balancing step. balance_scope: what the capacity, the balance
+    losses and the load statistics are computed over in multi-process training: ``global``, every data-parallel
+    rank's rows of the step (the same as one process at the global batch size), or ``micro_batch``, each rank's
+    own rows (the common practice; the aux-free bias update is global in both). allow_noncausal: permit
+    expert_choice or sequence routing in a decoder (no KV-cached generation).
     """
 
     axis: ClassVar[str] = "ffn"
@@ -86,6 +90,7 @@ class MoE(ComponentOptions):
     importance_coef: float = option(0.0, ge=0)
     load_coef: float = option(0.0, ge=0)
     aux_free_rate: float = option(0.0, ge=0)
+    balance_scope: str = option("global", choices=SCOPES)
     allow_noncausal: bool = False
 
     @property
@@ -163,6 +168,7 @@ class MoEFFN(nn.Module):
         self.importance_coef = float(o.importance_coef)
         self.load_coef = float(o.load_coef)
         self.aux_free_rate = float(o.aux_free_rate)
+        self.balance_scope = o.balance_scope
         d, swiglu = cfg.d_model, cfg.mlp == "swiglu"
         width = cfg.ffn_dim if o.expert_dim is None else o.expert_dim
         act = "tanh" if cfg.mlp == "gelu_tanh" else "none"  # GELU's approximation (GPT-2's is tanh)
@@ -185,6 +191,8 @@ class MoEFFN(nn.Module):
         if self.aux_free_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(self.n_total))
         self._load_acc: torch.Tensor | None = None  # assignments since the last optimiser step (aux-free)
+        # set by condformer.parallel.expert_parallel: this rank holds a slice of the experts, tokens travel
+        self.expert_parallel: Any = None
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -239,25 +247,35 @@ class MoEFFN(nn.Module):
             loss_rows = valid_N
         if valid_N is not None:  # padding and MoD fillers visit no expert
             expert_NK = torch.where(valid_N[:, None], expert_NK, self.n_total)
+        scope = batch_scope(self.balance_scope) if self.training else MICRO_BATCH
         if self.training:
-            self._add_losses(r, loss_rows, ctx)
+            self._add_losses(r, loss_rows, ctx, scope)
             if self.aux_free_rate > 0 and ctx.accumulate:
                 self._accumulate_load(expert_NK)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         kept_NK = None
+        run_NK = expert_NK  # the pairs computed: capacity decided over several ranks drops pairs before dispatch
+        if factor is not None and (scope.world > 1 or self.expert_parallel is not None):
+            C = dispatch.capacity_slots(factor, B * T * scope.world, self.k, self.n_total)
+            gate_all = scope.gather(gate_NK) if self.drop_policy == "score" else None
+            kept_NK = scope.own_rows(dispatch.capacity_keep(scope.gather(expert_NK), gate_all, self.n_experts, C,
+                                                            self.drop_policy))
+            run_NK, factor = torch.where(kept_NK, expert_NK, self.n_total), None
         how = self.dispatch
         if how == "auto":
             how = "grouped" if self.bank.grouped_supported(x_ND) else "sorted"
-        if factor is not None:
+        if self.expert_parallel is not None:  # experts live on several ranks: all-to-all there and back
+            y_ND = self.expert_parallel.dispatch(x_ND, run_NK, gate_NK, self.bank)
+        elif factor is not None:
             C = dispatch.capacity_slots(factor, B * T, self.k, self.n_total)
             y_ND, kept_NK = dispatch.with_capacity(x_ND, expert_NK, gate_NK, self.bank, C, self.drop_policy)
         elif how == "loop":
-            y_ND = dispatch.expert_loop(x_ND, expert_NK, gate_NK, self.bank)
+            y_ND = dispatch.expert_loop(x_ND, run_NK, gate_NK, self.bank)
         else:
-            # no no-op experts and no padding: every pair is real, so the dispatch needs no masks
-            all_real = self.n_null == 0 and valid_N is None
-            y_ND = dispatch.dropless(x_ND, expert_NK, gate_NK, self.bank, grouped=how == "grouped", all_real=all_real)
-        self._stats(ctx, expert_NK, kept_NK, r.probs_NE)
+            # no no-op experts, no padding, no dropped pairs: every pair is real, so the dispatch needs no masks
+            all_real = self.n_null == 0 and valid_N is None and kept_NK is None
+            y_ND = dispatch.dropless(x_ND, run_NK, gate_NK, self.bank, grouped=how == "grouped", all_real=all_real)
+        self._stats(ctx, expert_NK, kept_NK, r.probs_NE, scope)
         if ctx.tally.tracing:  # for `condformer inspect`: which expert each token visited, -1 for none
             visited_NK = expert_NK if kept_NK is None else torch.where(kept_NK, expert_NK, self.n_total)
             visited_NK = torch.where(visited_NK < self.n_experts, visited_NK, -1)
@@ -304,8 +322,8 @@ class MoEFFN(nn.Module):
             ctx.tally.stat(ctx.layer, "moe_entropy", losses.router_entropy(probs_NE, mask_N))
 
     # -- losses, statistics, aux-free balancing ----------------------------------------------------
-    def _add_losses(self, r: Routing, rows_N: torch.Tensor | None, ctx: Any) -> None:
-        """The configured auxiliary losses on the real (non-padding) rows; each also logged per layer."""
+    def _add_losses(self, r: Routing, rows_N: torch.Tensor | None, ctx: Any, scope: BatchScope = MICRO_BATCH) -> None:
+        """The configured auxiliary losses on the real (non-padding) rows of ``scope``; each also logged per layer."""
         if r.logits_NE is None:
             return  # hash / LSH: nothing to learn
         logits, probs, expert, gate, noisy = r.logits_NE, r.probs_NE, r.expert_NK, r.gate_NK, r.noisy
@@ -319,12 +337,13 @@ class MoEFFN(nn.Module):
         if probs is not None:
             terms += [
                 ("balance", self.balance_coef,
-                 lambda: losses.switch_balance_loss(probs, expert, self.balance_convention)),
+                 lambda: losses.switch_balance_loss(probs, expert, self.balance_convention, scope)),
                 ("importance", self.importance_coef,
-                 lambda: losses.importance_loss(torch.zeros_like(probs).scatter(1, expert, gate.to(probs.dtype)))),
+                 lambda: losses.importance_loss(torch.zeros_like(probs).scatter(1, expert, gate.to(probs.dtype)),
+                                                scope)),
             ]
         if noisy is not None:
-            terms.append(("load", self.load_coef, lambda: losses.load_loss(*noisy, k=self.k)))
+            terms.append(("load", self.load_coef, lambda: losses.load_loss(*noisy, k=self.k, scope=scope)))
         for name, coef, fn in terms:
             if coef > 0:
                 value = fn()
@@ -336,9 +355,9 @@ class MoEFFN(nn.Module):
         return dispatch.count_ids(expert_NK.reshape(-1), self.n_total + 1)[: self.n_total].float()
 
     def _stats(self, ctx: Any, expert_NK: torch.Tensor, kept_NK: torch.Tensor | None,
-               probs_NE: torch.Tensor | None) -> None:
+               probs_NE: torch.Tensor | None, scope: BatchScope = MICRO_BATCH) -> None:
         with torch.no_grad():
-            counts = self._choice_counts(expert_NK)
+            counts = scope.counts(self._choice_counts(expert_NK))
             share = counts / counts.sum().clamp(min=1)
             for e in range(self.n_experts):
                 ctx.tally.stat(ctx.layer, f"moe_load_e{e}", share[e])
@@ -347,7 +366,8 @@ class MoEFFN(nn.Module):
                 ctx.tally.stat(ctx.layer, "moe_null_frac", share[self.n_experts:].sum())
             real = expert_NK < self.n_experts
             if kept_NK is not None:
-                dropped = (real & ~kept_NK).sum().float() / real.sum().clamp(min=1)
+                n_dropped, n_real = scope.counts(torch.stack([(real & ~kept_NK).sum(), real.sum()]).float())
+                dropped = n_dropped / n_real.clamp(min=1)
             else:
                 dropped = torch.zeros((), device=expert_NK.device)
             ctx.tally.stat(ctx.layer, "moe_dropped_frac", dropped)

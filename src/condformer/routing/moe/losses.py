@@ -17,12 +17,17 @@ integrated MoDE layer included: balancing them is what sets how often tokens ski
   estimate under the noisy top-k router.
 * :func:`z_loss` - Zoph et al. 2022 (ST-MoE, arXiv 2202.08906): mean of logsumexp(logits)^2, which keeps
   router logits small so the float32 softmax stays accurate.
+
+The balance, importance and load losses are functions of sums over the batch; ``scope`` (see
+:mod:`condformer.parallel.global_batch`) takes those sums over every data-parallel rank's rows, so the loss
+does not depend on how many ranks share the batch. The z-loss is a per-token mean and needs no scope.
 """
 
 from __future__ import annotations
 
 import torch
 
+from condformer.parallel.global_batch import MICRO_BATCH, BatchScope
 from condformer.routing.moe.dispatch import count_ids
 
 BALANCE_CONVENTIONS = ("unit", "hf")
@@ -33,15 +38,26 @@ def assignment_fractions(expert_NK: torch.Tensor, n_experts: int) -> torch.Tenso
     return count_ids(expert_NK.reshape(-1), n_experts).float() / max(expert_NK.numel(), 1)
 
 
-def switch_balance_loss(probs_NE: torch.Tensor, expert_NK: torch.Tensor, convention: str = "unit") -> torch.Tensor:
-    """``E * sum_i f_i P_i`` (1 at perfect balance for ``"unit"``, K for ``"hf"``); gradient flows through P only."""
+def switch_balance_loss(probs_NE: torch.Tensor, expert_NK: torch.Tensor, convention: str = "unit",
+                        scope: BatchScope = MICRO_BATCH) -> torch.Tensor:
+    """``E * sum_i f_i P_i`` (1 at perfect balance for ``"unit"``, K for ``"hf"``); gradient flows through P only.
+
+    ``f`` and ``P`` are taken over ``scope``'s rows (this batch's, or every rank's).
+    """
     n_experts, k = probs_NE.shape[-1], expert_NK.shape[-1]
-    f_E = assignment_fractions(expert_NK, n_experts)
+    if convention not in BALANCE_CONVENTIONS:
+        raise ValueError(f"unknown balance convention {convention!r}; choose one of {BALANCE_CONVENTIONS}")
+    if scope.world == 1:
+        f_E = assignment_fractions(expert_NK, n_experts)
+        P_E = probs_NE.float().mean(dim=0)
+    else:
+        counts_E = scope.counts(count_ids(expert_NK.reshape(-1), n_experts).float())
+        n_rows = scope.counts(probs_NE.new_tensor(float(probs_NE.shape[0]), dtype=torch.float32)).clamp(min=1)
+        f_E = counts_E / (n_rows * k)
+        P_E = scope.sum(probs_NE.float().sum(dim=0)) / n_rows
     if convention == "hf":
         f_E = f_E * k
-    elif convention != "unit":
-        raise ValueError(f"unknown balance convention {convention!r}; choose one of {BALANCE_CONVENTIONS}")
-    return n_experts * (f_E.detach() * probs_NE.float().mean(dim=0)).sum()
+    return n_experts * (f_E.detach() * P_E).sum()
 
 
 def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -52,9 +68,9 @@ def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x_E.var(unbiased=False) / (x_E.mean() ** 2 + eps)
 
 
-def importance_loss(gates_NE: torch.Tensor) -> torch.Tensor:
-    """CV^2 of importance_i = sum over tokens of the (sparse) gate given to expert i."""
-    return cv_squared(gates_NE.sum(dim=0))
+def importance_loss(gates_NE: torch.Tensor, scope: BatchScope = MICRO_BATCH) -> torch.Tensor:
+    """CV^2 of importance_i = sum over tokens (of ``scope``) of the (sparse) gate given to expert i."""
+    return cv_squared(scope.sum(gates_NE.sum(dim=0)))
 
 
 def smooth_load(clean_NE: torch.Tensor, noisy_NE: torch.Tensor, noise_std_NE: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,9 +89,10 @@ def smooth_load(clean_NE: torch.Tensor, noisy_NE: torch.Tensor, noise_std_NE: to
     return normal.cdf((clean_NE - threshold) / noise_std_NE).sum(dim=0)
 
 
-def load_loss(clean_NE: torch.Tensor, noisy_NE: torch.Tensor, noise_std_NE: torch.Tensor, k: int) -> torch.Tensor:
-    """CV^2 of the smooth load estimate (only defined for the noisy top-k router)."""
-    return cv_squared(smooth_load(clean_NE, noisy_NE, noise_std_NE, k))
+def load_loss(clean_NE: torch.Tensor, noisy_NE: torch.Tensor, noise_std_NE: torch.Tensor, k: int,
+              scope: BatchScope = MICRO_BATCH) -> torch.Tensor:
+    """CV^2 of the smooth load estimate, summed over ``scope``'s tokens (only defined for the noisy top-k router)."""
+    return cv_squared(scope.sum(smooth_load(clean_NE, noisy_NE, noise_std_NE, k)))
 
 
 def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:

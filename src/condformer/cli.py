@@ -102,7 +102,11 @@ def _train_config(args: argparse.Namespace, base, given=None):
                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
                  "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every, "device": args.device,
                  "dtype": args.dtype, "warmup_steps": args.warmup_steps, "on_nonfinite": args.on_nonfinite,
-                 "trainable": _trainable_entries(args.train_roles), "lr_new": args.lr_new}
+                 "trainable": _trainable_entries(args.train_roles), "lr_new": args.lr_new,
+                 "parallel": args.parallel, "expert_parallel": args.expert_parallel,
+                 "activation_checkpointing": args.activation_checkpointing, "fsdp_offload": args.fsdp_offload,
+                 "fsdp_reshard_after_forward": args.fsdp_reshard_after_forward,
+                 "checkpoint_format": args.checkpoint_format, "dist_timeout_s": args.dist_timeout_s}
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -507,6 +511,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:1, mps")
     s.add_argument("--dtype", choices=["auto", "fp32", "bf16"])
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = s.add_argument_group("multi-process training (launch with torchrun)")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"],
+                   help="ddp (default): replicate the model; fsdp: FSDP2, shard parameters, gradients and optimizer "
+                        "state over the ranks")
+    g.add_argument("--expert-parallel", type=POSITIVE_INT, metavar="N",
+                   help="shard each MoE layer's experts over groups of N ranks (tokens move by all-to-all)")
+    g.add_argument("--activation-checkpointing", choices=["none", "full", "selective"],
+                   help="recompute each layer's activations in the backward pass (less memory, more compute)")
+    g.add_argument("--fsdp-offload", action="store_true", default=None,
+                   help="FSDP: keep parameters and optimizer state in CPU memory (GPU runs)")
+    g.add_argument("--no-reshard-after-forward", dest="fsdp_reshard_after_forward", action="store_false",
+                   default=None, help="FSDP: keep each layer's gathered parameters until its backward")
+    g.add_argument("--checkpoint-format", choices=["auto", "full", "sharded"],
+                   help="full: one safetensors file gathered on rank 0; sharded: each rank writes its shards "
+                        "(torch.distributed.checkpoint); auto (default): sharded under fsdp or expert parallelism")
+    g.add_argument("--dist-timeout", dest="dist_timeout_s", type=POSITIVE, metavar="SECONDS",
+                   help="end the run with an error when a collective waits longer (a rank died); default 600")
     s.add_argument("--out", default="runs/latest", help="run directory (checkpoints, logs)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the run's saved config")

@@ -407,6 +407,15 @@ class ModelConfig:
         return _from_dict(cls, d, "model")
 
 
+PARALLEL_MODES = ("ddp", "fsdp")
+# how a run is executed, not what it computes: a resume may change them (e.g. FSDP on 4 ranks -> 2, or checkpointing
+# activations after an out-of-memory) and still continue the same trajectory
+EXECUTION_SETTINGS = ("device", "compile", "parallel", "expert_parallel", "activation_checkpointing", "fsdp_offload",
+                      "fsdp_reshard_after_forward", "checkpoint_format", "dist_timeout_s")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, budget, logging and checkpointing for ``condformer train``."""
@@ -437,7 +446,16 @@ class TrainConfig:
     compile: bool = False
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
     device: str = "auto"
-    parallel: str = "ddp"  # how to shard across torchrun processes; "ddp" today
+    # multi-process (torchrun): "ddp" replicates the model and averages gradients; "fsdp" (FSDP2) shards
+    # parameters, gradients and optimizer state over the ranks (condformer.parallel.fsdp)
+    parallel: str = "ddp"
+    expert_parallel: int = 1  # ranks each MoE layer's experts are sharded over (all-to-all dispatch); 1: none
+    activation_checkpointing: str = "none"  # "full" | "selective": recompute layer activations in the backward
+    fsdp_offload: bool = False  # FSDP: parameters and optimizer state in CPU memory (a GPU run's memory saver)
+    fsdp_reshard_after_forward: bool = True  # FSDP: free gathered parameters after each layer's forward
+    checkpoint_format: str = "auto"  # "full": one safetensors file; "sharded": each rank its shards (DCP); auto:
+    # sharded under fsdp or expert parallelism, full otherwise
+    dist_timeout_s: float = 600.0  # a collective waiting longer (a rank died or hangs) ends the run with an error
     mlm_probability: float = 0.15  # encoders only
     tensorboard: bool = True
     init_from: str | None = None  # a run whose model, weights and tokenizer this run starts from (fine-tuning)
@@ -474,7 +492,15 @@ class TrainConfig:
                               f"to train everything; got {self.trainable!r}")
         _choice(self.on_nonfinite, ("stop", "skip"), "on_nonfinite")
         _choice(self.dtype, ("auto", "fp32", "bf16"), "dtype")
-        _choice(self.parallel, ("ddp",), "parallel")
+        _choice(self.parallel, PARALLEL_MODES, "parallel")
+        _choice(self.activation_checkpointing, ACTIVATION_CHECKPOINTING, "activation_checkpointing")
+        _choice(self.checkpoint_format, CHECKPOINT_FORMATS, "checkpoint_format")
+        if isinstance(self.expert_parallel, bool) or not isinstance(self.expert_parallel, int) \
+                or self.expert_parallel < 1:
+            raise ConfigError(f"expert_parallel must be an integer >= 1 (ranks per expert group), got "
+                              f"{self.expert_parallel!r}")
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
         if not (0 < self.mlm_probability < 1):
             raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         return self

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -52,7 +53,7 @@ from condformer.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
-from condformer.config import ModelConfig, TrainConfig
+from condformer.config import EXECUTION_SETTINGS, ModelConfig, TrainConfig
 from condformer.data import TokenData, prepare_data, tokenizer_from_dict
 from condformer.errors import ConfigError, TrainingError
 from condformer.flops import count_flops
@@ -83,15 +84,47 @@ class TrainResult:
 
 
 # -- distributed -------------------------------------------------------------------------------
-def _setup_distributed(device: str) -> tuple[int, int, bool]:
-    """(rank, world_size, whether we created the process group); joins torchrun's group when launched by it."""
+def _launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher speaking its protocol) started this process."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _setup_distributed(device: str, cfg: TrainConfig) -> tuple[int, int, bool]:
+    """(rank, world_size, whether we created the process group); joins torchrun's group when launched by it.
+
+    FSDP and expert parallelism need a process group even on one rank (``torchrun --nproc_per_node=1``); without
+    torchrun they are a one-line error instead of a hang waiting for a rendezvous that never comes.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    sharded = cfg.parallel == "fsdp" or cfg.expert_parallel > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (sharded and _launched_by_torchrun()):
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
         return dist.get_rank(), dist.get_world_size(), True
+    if sharded:
+        what = "--parallel fsdp" if cfg.parallel == "fsdp" else f"--expert-parallel {cfg.expert_parallel}"
+        raise ConfigError(f"{what} needs a process group: launch with torchrun --nproc_per_node=N -m condformer.cli "
+                          f"train ... (N = 1 works too)")
     return 0, 1, False
+
+
+_PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "peer",
+                 "nccl communicator was aborted")
+
+
+def _collective_failure(e: BaseException, rank: int, timeout_s: float) -> TrainingError | None:
+    """A one-line error for a collective that failed because another rank died or hangs; None for anything else.
+
+    Without a timeout the survivors of a dead rank would wait forever inside an all-reduce; torch raises
+    (gloo: the peer's connection closes, or the timeout passes; NCCL: the watchdog aborts), and this names it.
+    """
+    if not isinstance(e, (RuntimeError, dist.DistError)) or not any(k in str(e).lower() for k in _PEER_FAILURE):
+        return None
+    cause = str(e).splitlines()[0][:120]
+    return TrainingError(f"rank {rank}: a collective failed or waited more than {timeout_s:g} s ({cause}); another "
+                         f"rank probably died or hangs: see its output, then continue with --resume from the last "
+                         f"checkpoint")
 
 
 def _all_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -300,7 +333,7 @@ def _ignored_settings(model_cfg: ModelConfig, cfg: TrainConfig, ck: Checkpoint) 
     given = {f"model.{k}": v for k, v in model_cfg.to_dict().items() if k != "vocab_size"}
     saved = {f"model.{k}": v for k, v in ck.model_cfg.to_dict().items() if k != "vocab_size"}
     if ck.train_cfg is not None:
-        given.update(cfg.to_dict())
+        given.update({k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_SETTINGS})
         saved.update(ck.train_cfg.to_dict())
     return [k if k.startswith("model.") else f"{k}={v!r} (the run's: {saved[k]!r})"
             for k, v in given.items() if k in saved and v != saved[k]]
@@ -332,16 +365,22 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | Path, *, resu
     cfg.validate()
     out = Path(out_dir)
     device = _resolve_device(cfg)
-    rank, world, owns_group = _setup_distributed(device)
+    rank, world, owns_group = _setup_distributed(device, cfg)
     try:
         cfg = with_default_lr(cfg, model_cfg, world)  # lr null: the model's recommended rate, saved as a number
         result = _train(model_cfg, cfg, out, device, rank, world, resume, progress, stop_after, data, on_step)
         if owns_group:  # rank 0 may still be writing its checkpoint: tearing gloo down under it aborts a rank
             dist.barrier()
         return result
+    except Exception as e:
+        failure = _collective_failure(e, rank, cfg.dist_timeout_s) if world > 1 else None
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if owns_group:
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # a group whose peer died may fail to tear down: nothing to keep
+                dist.destroy_process_group()
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank: int, world: int, resume: bool,
@@ -366,7 +405,10 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         ignored = _ignored_settings(model_cfg, cfg, ck)
         if ignored and is_main:
             _warn(f"--resume continues '{out}' with its saved settings; ignored: {', '.join(ignored)}")
+        given = cfg
         model_cfg, cfg = ck.model_cfg, ck.train_cfg or cfg
+        # how to run may change on a resume (ranks, sharding, recomputation); what the run computes may not
+        cfg = dataclasses.replace(cfg, **{k: getattr(given, k) for k in EXECUTION_SETTINGS})
 
     init = None  # the run a fine-tuning run starts from (its weights, on a fresh start only)
     tokenizer: Any = cfg.tokenizer
@@ -399,6 +441,8 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}; "
                           f"lower --seq-len or raise max_seq_len in the config")
     model_cfg.validate()
+    if cfg.parallel != "ddp" or cfg.expert_parallel > 1 or cfg.activation_checkpointing != "none":
+        raise ConfigError("fsdp, expert parallelism and activation checkpointing are not wired into the trainer yet")
     total_steps, flops_per_step = plan_steps(model_cfg, cfg, world)
     if ck is not None or init is not None:
         check_weights_fit(ck or init, model_cfg)  # before allocating: a config asking for a huge model is refused

@@ -1,5 +1,5 @@
 import torch, torch.distributed as dist
-from tests.parallel.spawn import run_ranks
+from .spawn import run_ranks
 def f(rank, world):
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)

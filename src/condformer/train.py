@@ -55,7 +55,7 @@ from condformer.checkpoint import (
 )
 from condformer.config import EXECUTION_SETTINGS, ModelConfig, TrainConfig
 from condformer.data import TokenData, prepare_data, tokenizer_from_dict
-from condformer.errors import ConfigError, TrainingError
+from condformer.errors import ConfigError, DataError, TrainingError
 from condformer.flops import count_flops
 from condformer.learning_rates import with_default_lr
 from condformer.model import IGNORE_INDEX, Transformer, build_model
@@ -154,6 +154,34 @@ def stable_seed(*parts: object) -> int:
     """A seed derived from ``parts`` that is the same in every process (``hash()`` is salted per process)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _prepare_on_each_node(cfg: TrainConfig, tokenizer: Any, rank: int, world: int, device: str = "cpu") -> TokenData:
+    """The run's tokens on every rank, prepared once per machine.
+
+    The first rank of each node (torchrun's ``LOCAL_RANK`` 0) tokenises (and trains a BPE) into its cache while the
+    others wait at a barrier, then they load the cached files: one preparation per node whether or not nodes share
+    a file system (the cache writes are atomic, so two nodes writing one shared cache is safe). Every rank then
+    checks its data fingerprint against rank 0's, so nodes that found different corpora stop with one line
+    instead of silently training on different data.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    data = prepare_data(cfg.data, tokenizer, cfg.val_fraction) if local_rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    if data is None:
+        data = prepare_data(cfg.data, tokenizer, cfg.val_fraction)
+    if world > 1:
+        digest = hashlib.sha256(json.dumps(data.fingerprint, sort_keys=True, default=str).encode()).digest()
+        mine = torch.tensor(list(digest[:8]), dtype=torch.long, device=device)  # NCCL reduces device tensors
+        first = mine.clone()
+        dist.broadcast(first, src=0)
+        agree = torch.tensor([int(torch.equal(mine, first))], device=device)
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN)
+        if not int(agree):
+            raise DataError(f"rank {rank}: the ranks prepared different data ({cfg.data!r}: this rank's fingerprint "
+                            f"{data.fingerprint}); give every node the same corpus, or a path on a shared file system")
+    return data
 
 
 # -- batches -----------------------------------------------------------------------------------
@@ -422,14 +450,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         if saved is not None:
             tokenizer = tokenizer_from_dict(saved)
     if data is None:
-        # rank 0 tokenises (and trains a BPE) first; the others then load its cached files, so every
-        # rank sees identical tokens
-        if rank == 0:
-            data = prepare_data(cfg.data, tokenizer, cfg.val_fraction)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            data = prepare_data(cfg.data, tokenizer, cfg.val_fraction)
+        data = _prepare_on_each_node(cfg, tokenizer, rank, world, device)
     if cfg.init_from is not None:  # a pretrained vocabulary may be padded past its tokenizer: keep the model's
         cfg = dataclasses.replace(cfg, tokenizer=data.tokenizer.name)  # what the run's config.json names
         if data.tokenizer.vocab_size > model_cfg.vocab_size:

@@ -55,3 +55,27 @@ def test_fsdp_without_a_process_group_is_one_line(tmp_path: Path, monkeypatch: p
         msg = str(err.value)
         assert "\n" not in msg and msg.startswith(f"{flag} needs a process group") and "torchrun" in msg
         assert not (tmp_path / "run").exists()
+
+
+def _prepare(rank: int, world: int, corpora: list[str]) -> str:
+    from condformer.train import _prepare_on_each_node
+
+    try:
+        data = _prepare_on_each_node(TrainConfig(data=corpora[rank], max_steps=1), "byte", rank, world)
+    except CondformerError as e:
+        return f"error: {e}"
+    return f"tokens {data.fingerprint['train_tokens']}"
+
+
+def test_ranks_that_prepare_different_data_stop_with_one_line(tmp_path: Path, code_corpus: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONDFORMER_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(20):
+        (other / f"m{i}.py").write_text(f"x = {i}\n" * 200, encoding="utf-8")
+    same = run_ranks(_prepare, 2, tmp_path, [str(code_corpus)] * 2)
+    assert same[0] == same[1] and same[0].startswith("tokens")
+    differ = run_ranks(_prepare, 2, tmp_path, [str(code_corpus), str(other)])
+    for r, msg in enumerate(differ):
+        assert msg.startswith(f"error: rank {r}: the ranks prepared different data") and "\n" not in msg

@@ -9,7 +9,9 @@ converts them to numbers only when it logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,12 @@ class Tally:
     Traces are per-token tensors such as a routing layer's decisions (B, T); they are recorded only when
     the caller asks for them (``model(..., trace=True)``, used by ``condformer inspect``), so training
     pays nothing for them.
+
+    ``recomputing``: True while activation checkpointing recomputes a layer in the backward pass (see
+    :meth:`Context.recomputation`). The forward already recorded that layer's losses, statistics and traces;
+    the recomputation records nothing, so a loss is not counted twice and a statistic is not replaced by a
+    value computed after the forward moved some state. (Autograd differentiates the loss tensor the forward
+    recorded; the recomputation only rebuilds the tensors its backward reads.)
     """
 
     def __init__(self, tracing: bool = False) -> None:
@@ -30,19 +38,24 @@ class Tally:
         self.stats: dict[str, torch.Tensor | float] = {}
         self.traces: dict[str, torch.Tensor] = {}
         self.tracing = tracing
+        self.recomputing = False
 
     def loss(self, name: str, value: torch.Tensor) -> None:
-        """Add ``value`` to the auxiliary loss ``name`` (summed if added twice)."""
+        """Add ``value`` to the auxiliary loss ``name`` (summed if added twice; ignored while recomputing)."""
+        if self.recomputing:
+            return
         self.losses[name] = self.losses[name] + value if name in self.losses else value
 
     def stat(self, layer: int | None, name: str, value: torch.Tensor | float) -> None:
         """Record a statistic, keyed ``layer{L}/{name}`` (or ``name`` when not layer-specific)."""
+        if self.recomputing:
+            return
         key = name if layer is None else f"layer{layer}/{name}"
         self.stats[key] = value.detach() if isinstance(value, torch.Tensor) else value
 
     def trace(self, layer: int, name: str, value: torch.Tensor) -> None:
-        """Record a per-token tensor keyed ``layer{L}/{name}``, if tracing is on."""
-        if self.tracing:
+        """Record a per-token tensor keyed ``layer{L}/{name}``, if tracing is on (and not recomputing)."""
+        if self.tracing and not self.recomputing:
             self.traces[f"layer{layer}/{name}"] = value.detach()
 
     def total(self, like: torch.Tensor) -> torch.Tensor:
@@ -64,8 +77,9 @@ class Context:
         path instead of an explicit mask (true for 0..T-1 and for a position-sorted subset of it).
     tokens_BT: each position's input token id, for components that route on ids (hash-routed experts);
         None when the caller feeds hidden states without ids.
-    accumulate: whether layers may update state kept outside the gradient (MoE's aux-loss-free load);
-        False for a side pass that must leave no trace (mixed exit training's last-layer loss).
+    accumulate: whether layers may update state kept outside the gradient (MoE's aux-loss-free load, MoD's
+        running threshold); False for a side pass that must leave no trace (mixed exit training's last-layer
+        loss) and while activation checkpointing recomputes a layer (:meth:`recomputation`).
     memo: values computed once per forward and shared by every layer's view (one dict object): the rotary
         angles of a positions tensor are the same in all 30 layers of a model and for queries and keys, and
         recomputing them per call was 5-7% of a batch-1 decoding step.
@@ -84,6 +98,24 @@ class Context:
 
     def for_layer(self, layer: int) -> Context:
         return dataclasses.replace(self, layer=layer)
+
+    @contextlib.contextmanager
+    def recomputation(self) -> Iterator[None]:
+        """The scope in which activation checkpointing recomputes a layer that ran with this context.
+
+        A recomputed forward must have no side effects (the forward had them already): the shared tally records
+        nothing (``tally.recomputing``) and ``accumulate`` is False, so state kept outside autograd (expert load,
+        MoD's threshold) moves once per forward, not twice. Every context the layer derives inside the scope
+        (``subset``, ``rows``) copies ``accumulate``; both flags are restored on exit, also when torch ends the
+        recomputation with an exception.
+        """
+        tally = self.tally
+        before = tally.recomputing, self.accumulate
+        tally.recomputing, self.accumulate = True, False
+        try:
+            yield
+        finally:
+            tally.recomputing, self.accumulate = before
 
     @property
     def kv(self) -> LayerKV | None:

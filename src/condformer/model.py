@@ -31,6 +31,7 @@ from condformer.exits.policies import FULL_DEPTH, DepthPolicy
 from condformer.generation.exit_decoder import ExitDecoder
 from condformer.layers.norms import make_norm
 from condformer.losses import IGNORE_INDEX, lm_loss
+from condformer.parallel.activation_checkpoint import layer_step, mode_now
 from condformer.registry import BLOCKS, ROUTERS
 from condformer.streams.altup import AltUp
 from condformer.streams.base import DenseStream, ResidualStream
@@ -88,6 +89,10 @@ class MLMHead(nn.Module):
 
 class Transformer(nn.Module):
     """A decoder (causal LM) or encoder (bidirectional, masked LM) built from a :class:`ModelConfig`."""
+
+    # how training recomputes layers in the backward pass instead of keeping their activations: "none", "full" or
+    # "selective"; set with condformer.parallel.activation_checkpoint.apply_activation_checkpointing
+    activation_checkpointing = "none"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -152,16 +157,18 @@ class Transformer(nn.Module):
 
         Before each layer the policy may pick the rows that run it (the others keep their state); after it,
         the policy picks the state to continue with (per token) and may stop the walk (``policy.done``).
+        In training with gradients each layer's step may be checkpointed (``activation_checkpointing``).
         """
-        stream = self.stream
+        stream, checkpointing = self.stream, mode_now(self)
         for i in range(len(self.layers)) if layers is None else layers:
             lctx = ctx.for_layer(i)
             policy.before_layer(i, state, lctx)
             idx_B = policy.rows(i, state, lctx)
             if idx_B is None:
-                new = stream.step(i, state, self.layers[i], lctx)
+                new = layer_step(checkpointing, stream, i, state, self.layers[i], lctx)
             else:  # only the kept rows are computed; the others keep their state
-                part = stream.step(i, stream.take_rows(state, idx_B), self.layers[i], lctx.rows(idx_B))
+                rows = stream.take_rows(state, idx_B)
+                part = layer_step(checkpointing, stream, i, rows, self.layers[i], lctx.rows(idx_B))
                 new = stream.put_rows(state, idx_B, part)
             state = policy.after_layer(i, state, new, lctx)
             if policy.done:

@@ -79,7 +79,8 @@ class ScalarCoefficients(nn.Module):
 
     def effective(self, predicted: None, corrected: None, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """The prediction matrix and correction gains in use: (K, K) and (K,)."""
-        return self.p.detach(), self.g.detach()
+        # copies, not views: FSDP frees a sharded module's gathered weights after its forward pass
+        return self.p.detach().clone(), self.g.detach().clone()
 
 
 class GemmaCoefficients(nn.Module):

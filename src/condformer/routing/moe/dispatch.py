@@ -46,7 +46,7 @@ def _combine(out_P: torch.Tensor, gate_NK: torch.Tensor, like: torch.Tensor) -> 
     """y_n = sum_j gate_nj * out_(n, j), summed in choice order: deterministic."""
     N, K = gate_NK.shape
     acc = _acc(like)
-    y = (out_P.view(N, K, -1).to(acc) * gate_NK[..., None].to(acc)).sum(dim=1)
+    y = (out_P.view(N, K, out_P.shape[-1]).to(acc) * gate_NK[..., None].to(acc)).sum(dim=1)  # N may be 0
     return y.to(like.dtype)
 
 

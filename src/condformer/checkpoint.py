@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +33,28 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from condformer.checkpoint_io import (  # noqa: F401  (re-exported: the names callers have always imported from here)
+    Checkpoint,
+    _discard,
+    _tidy,
+    read_checkpoint,
+    write_json_atomic,
+    write_text_atomic,
+)
 from condformer.config import ModelConfig, TrainConfig
-from condformer.errors import CheckpointError, ConfigError, TrainingError
-from condformer.run_layout import MODEL_FILE, STATE_FILE, _complete, _step_of, resolve_checkpoint  # noqa: F401
+from condformer.errors import CheckpointError, TrainingError
+from condformer.run_layout import (  # noqa: F401
+    MODEL_FILE,
+    SHARDED_DIR,
+    SHARDED_INDEX,
+    STATE_FILE,
+    _complete,
+    _step_of,
+    resolve_checkpoint,
+)
 
 OPTIM_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"  # torch's generator states: random training draws continue exactly on resume
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    model_cfg: ModelConfig
-    train_cfg: TrainConfig | None
-    state: dict[str, Any]  # step, tokenizer, data fingerprint, ...
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` so that a reader (or a kill) sees the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -80,30 +76,6 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = val
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _discard(d: Path) -> None:
-    """Delete a directory via a hidden name: a kill halfway through never leaves a partial ``step-*``."""
-    if not d.name.startswith("."):
-        hidden = d.with_name(f".del-{d.name}")
-        shutil.rmtree(hidden, ignore_errors=True)
-        os.rename(d, hidden)
-        d = hidden
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def _tidy(root: Path) -> None:
-    """Finish what a killed save left: put an aside copy back if it is the only whole one, drop the rest."""
-    for aside in sorted(root.glob(".old-step-*")):
-        final = root / aside.name.removeprefix(".old-")
-        if _complete(aside) and not _complete(final):
-            if final.exists():
-                _discard(final)
-            os.rename(aside, final)
-        else:
-            shutil.rmtree(aside, ignore_errors=True)
-    for junk in [*root.glob(".tmp-step-*"), *root.glob(".del-*")]:
-        shutil.rmtree(junk, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -171,31 +143,6 @@ def write_new_run(out: Path, model: torch.nn.Module, state: dict[str, Any], mode
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint's configs and state (not its tensors), with one-line errors."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint '{p}' does not exist; pass a run directory written by `condformer train`")
-    ck = resolve_checkpoint(p)
-    if ck is None:
-        raise CheckpointError(f"no checkpoint found in '{p}'; expected {STATE_FILE} or checkpoints/latest inside it")
-    file = ck / STATE_FILE
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise TypeError("not a JSON object")
-        step = state.get("step")
-        if type(step) is not int or step < 0:
-            raise CheckpointError(f"'{file}' has no valid step (got {step!r}, expected an integer >= 0); "
-                                  f"the checkpoint may be corrupt")
-        model_cfg = ModelConfig.from_dict(state.pop("model")).validate()
-        train_raw = state.pop("train")
-        train_cfg = None if train_raw is None else TrainConfig.from_dict(train_raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, ConfigError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"'{file}' is unreadable ({e}); the checkpoint may be corrupt") from None
-    return Checkpoint(ck, model_cfg, train_cfg, state)
-
-
 def update_model_config(ck: Checkpoint, model_cfg: ModelConfig) -> None:
     """Replace the model config stored with a checkpoint (e.g. calibrated exit thresholds), atomically.
 
@@ -223,6 +170,11 @@ def check_weights_fit(ck: Checkpoint, model_cfg: ModelConfig | None = None) -> N
     """
     from condformer.model import build_model
 
+    if _is_sharded(ck.path):
+        from condformer.parallel.sharded_checkpoint import check_sharded_fit
+
+        check_sharded_fit(ck.path, model_cfg or ck.model_cfg)
+        return
     path = ck.path / MODEL_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -285,7 +237,23 @@ def check_run_dir(out: Path, resume: bool) -> None:
         )
 
 
+def _is_sharded(ckpt_dir: Path) -> bool:
+    """A checkpoint written shard by shard (``condformer.parallel.sharded_checkpoint``) and not consolidated."""
+    return not (ckpt_dir / MODEL_FILE).is_file() and (ckpt_dir / SHARDED_DIR / SHARDED_INDEX).is_file()
+
+
 def load_weights(ck: Checkpoint, model: torch.nn.Module) -> None:
+    """The checkpoint's weights into ``model`` (whole, unsharded), from its single file or from its shards.
+
+    A sharded checkpoint is read through ``torch.distributed.checkpoint`` (collective when a process group is
+    up: call it on every rank), so every command that reads a run (eval, generate, export, inspect, convert,
+    ``train --init-from``) takes a sharded run as it is.
+    """
+    if _is_sharded(ck.path):
+        from condformer.parallel.sharded_checkpoint import load_sharded
+
+        load_sharded(ck.path, model, None, rng=False)
+        return
     try:
         missing, unexpected = load_model(model, str(ck.path / MODEL_FILE), strict=False, device="cpu")
     except (SafetensorError, FileNotFoundError, OSError) as e:
@@ -318,7 +286,8 @@ def load_rng_state(ck: Checkpoint) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def load_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer_state(ck: Checkpoint) -> dict[str, Any]:
+    """A single-file checkpoint's optimizer state as torch's ``state_dict()`` layout (parameters numbered)."""
     meta = ck.state.get("optimizer") or {}
     if not meta:
         raise CheckpointError(f"checkpoint '{ck.path}' has no optimizer state; it cannot be resumed")
@@ -326,7 +295,11 @@ def load_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
         tensors = load_file(str(ck.path / OPTIM_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"cannot read optimizer state from '{ck.path / OPTIM_FILE}': {e}") from None
-    optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+    return optimizer_from_flat(tensors, meta)
+
+
+def load_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(read_optimizer_state(ck))
 
 
 def load_for_inference(path: str | Path) -> tuple[Checkpoint, torch.nn.Module, Any]:

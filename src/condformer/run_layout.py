@@ -14,11 +14,18 @@ from typing import Any
 from condformer.errors import CheckpointError
 
 MODEL_FILE, STATE_FILE = "model.safetensors", "state.json"
+# a sharded checkpoint (condformer.parallel.sharded_checkpoint): DCP's safetensors shards and their JSON index
+SHARDED_DIR, SHARDED_INDEX = "sharded", "index.json"
 
 
 def _complete(d: Path) -> bool:
-    """Whether ``d`` is a whole checkpoint: ``state.json`` is written last (atomically), after the weights."""
-    return (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file()
+    """Whether ``d`` is a whole checkpoint: ``state.json`` is written last (atomically), after the weights.
+
+    The weights are one ``model.safetensors`` or, for a sharded save, ``sharded/index.json``, which is itself
+    written only once every rank's shards are (and ``state.json`` only after that).
+    """
+    weights = (d / MODEL_FILE).is_file() or (d / SHARDED_DIR / SHARDED_INDEX).is_file()
+    return (d / STATE_FILE).is_file() and weights
 
 
 def _step_of(d: Path) -> int | None:

@@ -33,7 +33,7 @@ from condformer.cli_checks import (
     read_utf8_file,
     removed_if_unused,
 )
-from condformer.errors import CondformerError, ConfigError
+from condformer.errors import CheckpointError, CondformerError, ConfigError
 
 
 def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
@@ -446,6 +446,19 @@ def cmd_export(args: argparse.Namespace) -> None:
                 f"transformers.AutoModelForCausalLM.from_pretrained loads it{loader}", r)
 
 
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from condformer.parallel.sharded_checkpoint import consolidate, is_sharded
+    from condformer.run_layout import resolve_checkpoint
+
+    ck = resolve_checkpoint(args.run)
+    if ck is None or not is_sharded(ck):
+        raise CheckpointError(f"'{args.run}' holds no sharded checkpoint (one written with --parallel fsdp); "
+                              f"its checkpoint is a single file already")
+    out = consolidate(ck, args.out)
+    _emit(args, f"consolidated {ck} into {out}: one safetensors file with the unsharded weights",
+          {"checkpoint": str(ck), "out": str(out)})
+
+
 def _exit_weights(text: str) -> str | list[float]:
     if text in ("uniform", "increasing"):
         return text
@@ -621,6 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "own transformers type (any model); auto (default): native when possible")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("consolidate", help="a sharded checkpoint (--parallel fsdp) as one safetensors file")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("--out", help="the file to write (default: model.safetensors in the checkpoint directory, which "
+                                 "makes it a single-file checkpoint every command reads without a process group)")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_consolidate)
 
     s = sub.add_parser("convert", help="add exits, MoD routers or MoE experts to a run (e.g. an imported model), "
                                        "keeping its function where the technique allows")

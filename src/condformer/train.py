@@ -43,13 +43,10 @@ from condformer.checkpoint import (
     Checkpoint,
     check_run_dir,
     check_weights_fit,
-    load_optimizer,
-    load_rng_state,
     load_weights,
     read_checkpoint,
     resolve_checkpoint,
     run_lock,
-    save_checkpoint,
     write_json_atomic,
     write_text_atomic,
 )
@@ -60,6 +57,8 @@ from condformer.flops import count_flops
 from condformer.learning_rates import with_default_lr
 from condformer.model import IGNORE_INDEX, Transformer, build_model
 from condformer.optim import before_optimizer_step, lr_at, make_optimizer, set_lr
+from condformer.parallel.runtime import Layout
+from condformer.parallel.sharded_checkpoint import is_sharded
 from condformer.trainable import apply_trainable
 
 
@@ -367,6 +366,25 @@ def _ignored_settings(model_cfg: ModelConfig, cfg: TrainConfig, ck: Checkpoint) 
             for k, v in given.items() if k in saved and v != saved[k]]
 
 
+def _same_global_batch(cfg: TrainConfig, saved_world: int, world: int, announce: bool) -> TrainConfig:
+    """The run's settings for resuming on ``world`` ranks a run saved on ``saved_world``: the same global batch.
+
+    ``batch_size`` is per rank, and a step's rows are a pure function of the step over the *global* batch (rank r
+    takes rows [r*B, (r+1)*B)), so keeping batch_size x ranks fixed continues the same trajectory on any number of
+    ranks that divides it (masked-LM masks excepted: they are drawn per rank).
+    """
+    if saved_world == world:
+        return cfg
+    rows = cfg.batch_size * saved_world
+    if rows % world:
+        raise ConfigError(f"the run was saved on {saved_world} ranks with a global batch of {rows} rows, which "
+                          f"{world} ranks cannot share; resume on a number of ranks that divides {rows}")
+    if announce:
+        _warn(f"resuming a run saved on {saved_world} ranks on {world}: batch_size per rank {cfg.batch_size} -> "
+              f"{rows // world} (the same global batch of {rows} rows)")
+    return dataclasses.replace(cfg, batch_size=rows // world)
+
+
 def _stats_to_floats(acc: dict[str, torch.Tensor], n: int, world: int = 1) -> dict[str, float]:
     """The logged statistics: means over the micro-batches since the last row and, under torch.distributed,
     over the ranks (one all-reduce; every rank runs the same model, so all hold the same keys)."""
@@ -437,6 +455,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         model_cfg, cfg = ck.model_cfg, ck.train_cfg or cfg
         # how to run may change on a resume (ranks, sharding, recomputation); what the run computes may not
         cfg = dataclasses.replace(cfg, **{k: getattr(given, k) for k in EXECUTION_SETTINGS})
+        cfg = _same_global_batch(cfg, int(ck.state.get("world_size", world)), world, is_main)
 
     init = None  # the run a fine-tuning run starts from (its weights, on a fresh start only)
     tokenizer: Any = cfg.tokenizer
@@ -462,8 +481,8 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}; "
                           f"lower --seq-len or raise max_seq_len in the config")
     model_cfg.validate()
-    if cfg.parallel != "ddp" or cfg.expert_parallel > 1 or cfg.activation_checkpointing != "none":
-        raise ConfigError("fsdp, expert parallelism and activation checkpointing are not wired into the trainer yet")
+    layout = Layout(cfg, rank, world, device)
+    layout.check()
     total_steps, flops_per_step = plan_steps(model_cfg, cfg, world)
     if ck is not None or init is not None:
         check_weights_fit(ck or init, model_cfg)  # before allocating: a config asking for a huge model is refused
@@ -476,25 +495,19 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
     if is_main and cfg.trainable is not None:
         print(f"condformer: training {n_trained:,} of {n_params:,} parameters ({', '.join(cfg.trainable)}); the rest "
               f"are frozen", file=sys.stderr, flush=True)
-    optimizer = make_optimizer(raw_model, cfg, new_params)
     start_step = 0
     if init is not None:  # fine-tuning: the source run's weights, a fresh optimizer and schedule
         load_weights(init, raw_model)
         raw_model.to(device)
     if ck is not None:
-        load_weights(ck, raw_model)
-        raw_model.to(device)
-        load_optimizer(ck, optimizer)
-        load_rng_state(ck)
+        if not is_sharded(ck.path):  # full weights before any sharding; a sharded checkpoint loads into the shards
+            load_weights(ck, raw_model)
+            raw_model.to(device)
+        layout.restore_rng(ck)
         start_step = ck.state["step"]
-    model: torch.nn.Module = raw_model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # an exit curriculum leaves some exits' parameters out of a step's graph
-        unused = model_cfg.exits is not None and model_cfg.exits.curriculum != "none"
-        model = DistributedDataParallel(raw_model, device_ids=[device] if device.startswith("cuda") else None,
-                                        find_unused_parameters=unused)
+    n_params = raw_model.num_params(non_embedding=False)  # before expert parallelism keeps a slice per rank
+    # activation checkpointing, expert parallelism, FSDP or DDP; the optimizer (and its saved state) on the result
+    model, optimizer = layout.wrap(raw_model, lambda m: make_optimizer(m, cfg, new_params), ck)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -507,12 +520,12 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
 
     def checkpoint(step: int) -> None:  # a step already saved is not saved again (a Ctrl-C right after one)
         nonlocal saved_step
-        if is_main and step != saved_step:
+        if step != saved_step:  # every rank: sharded and gathered saves are collective; rank 0 writes the files
             extra = {"tokenizer": data.tokenizer.to_dict(), "data": data.fingerprint,
-                     "skipped_steps": skipped_before + skipped}
+                     "skipped_steps": skipped_before + skipped, "world_size": world}
             if new_params:
                 extra["new_parameters"] = sorted(new_params)
-            save_checkpoint(out, step, raw_model, optimizer, extra, model_cfg, cfg, cfg.keep_checkpoints)
+            layout.save(out, step, raw_model, optimizer, extra, model_cfg)
         saved_step = step
 
     def eval_due(done: int) -> bool:
@@ -554,8 +567,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(cfg.grad_accum):
                     x, y = make_batch(data, model_cfg, cfg, "train", step * cfg.grad_accum + micro, rank, world)
-                    sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 \
-                        else model.no_sync()
+                    sync = layout.sync_gradients(model, raw_model, last_micro=micro == cfg.grad_accum - 1)
                     with sync, _autocast(cfg, device):
                         o = model(x.to(device), y.to(device))
                         (o.train_loss / cfg.grad_accum).backward()
@@ -563,8 +575,9 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
                     for k, v in o.stats.items():
                         stat_acc[k] = stat_acc.get(k, 0) + (v.float() if isinstance(v, torch.Tensor) else v)
                     n_acc += 1
+                layout.after_backward(raw_model)
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
+                grad_norm = layout.clip(raw_model, trained, max_norm)
                 loss_avg = _all_mean(loss_sum, world)
                 done = step + 1
                 if not bool(torch.isfinite(loss_avg) & torch.isfinite(grad_norm)):  # one host sync per step
@@ -624,7 +637,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         train_flops=final_step * flops_per_step, val_loss=metrics["val_loss"],
         val_bits_per_byte=metrics["val_bits_per_byte"], train_loss=last_loss,
         tokens_per_s=ran * tokens_per_step / train_time if ran > 0 and train_time > 0 else None,
-        elapsed_s=train_time, params=raw_model.num_params(non_embedding=False), skipped_steps=skipped_total,
+        elapsed_s=train_time, params=n_params, skipped_steps=skipped_total,
         data=data.fingerprint, stats=last_stats,
     )
 

@@ -136,7 +136,7 @@ def test_global_sum_value_and_gradient(tmp_path: Path) -> None:
     loss = ((w * 1 + w * 2) ** 2).sum()
     loss.backward()
     for value, grad in results:
-        assert value == pytest.approx(float(loss))
+        assert value == pytest.approx(float(loss.detach()))
         assert grad == pytest.approx(w.grad.tolist())
 
 

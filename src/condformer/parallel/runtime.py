@@ -1,0 +1,207 @@
+"""How one training run is spread over its ranks: the single object the trainer asks, so ``train.py`` stays one loop.
+
+The trainer builds the model (the same on every rank: same seed), loads full weights when it has them, then hands
+it here. :meth:`Layout.wrap` applies, in the one order that works:
+
+1. activation checkpointing (a flag the layer loop reads: :mod:`~condformer.parallel.activation_checkpoint`);
+2. expert parallelism (each rank keeps its slice of every MoE layer's experts: it needs the full weights, so
+   before FSDP; :mod:`~condformer.parallel.expert_parallel`);
+3. FSDP2 over every rank, experts left out (they are sharded already; :mod:`~condformer.parallel.fsdp`), or DDP;
+4. the optimizer, built on the final parameters (FSDP replaces them by DTensors), then its saved state.
+
+During a step it says how to hold gradient synchronisation during accumulation, what to do after the last
+backward (expert gradients summed over expert replicas), and how to clip (a norm over sharded gradients). For
+checkpoints it chooses the format: ``full`` (one safetensors file, what a single process writes, gathered on
+rank 0) or ``sharded`` (every rank writes its shards with ``torch.distributed.checkpoint``: the only way for a
+model that does not fit on one rank); either resumes on any number of ranks, and ``auto`` is sharded under FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from condformer.checkpoint import (
+    Checkpoint,
+    load_optimizer,
+    load_rng_state,
+    read_optimizer_state,
+    save_checkpoint,
+)
+from condformer.config import ModelConfig, TrainConfig
+from condformer.errors import ConfigError
+from condformer.parallel.activation_checkpoint import apply_activation_checkpointing
+
+
+@dataclass
+class Layout:
+    """The run's parallel layout (from its TrainConfig) on this rank."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: str
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.parallel == "fsdp"
+
+    @property
+    def ep(self) -> int:
+        return self.cfg.expert_parallel
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether this run writes sharded checkpoints (each rank its shards) instead of one gathered file."""
+        return self.cfg.checkpoint_format == "sharded" or (self.cfg.checkpoint_format == "auto" and self.fsdp)
+
+    def check(self) -> None:
+        """One-line errors for layouts that cannot work, before anything is built."""
+        if self.ep > 1 and self.world % self.ep:
+            raise ConfigError(f"expert_parallel {self.ep} does not divide the {self.world} ranks; choose a divisor "
+                              f"of {self.world}")
+        if self.cfg.checkpoint_format == "sharded" and not self.fsdp:
+            raise ConfigError("checkpoint_format 'sharded' needs --parallel fsdp (a DDP rank holds every weight: its "
+                              "checkpoints are the single file); drop it or add --parallel fsdp")
+        if self.fsdp and self.ep > 1 and not self.sharded_checkpoints:
+            raise ConfigError("--parallel fsdp with --expert-parallel saves sharded checkpoints only; drop "
+                              "--checkpoint-format full")
+        if self.cfg.compile and self.ep > 1:
+            raise ConfigError("--compile with --expert-parallel is not supported (the all-to-all needs the split "
+                              "sizes on the host, a graph break per layer); drop one of them")
+
+    # -- building ---------------------------------------------------------------------------------------
+    def wrap(self, raw_model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+             ck: Checkpoint | None) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """(the model to call, its optimizer) with ``ck``'s optimizer state (and sharded weights) loaded.
+
+        ``raw_model`` holds the full weights already unless ``ck`` is a sharded checkpoint (loaded here, after
+        sharding: every rank reads only its shards).
+        """
+        from condformer.parallel import sharded_checkpoint
+
+        sharded_ck = ck is not None and sharded_checkpoint.is_sharded(ck.path)
+        apply_activation_checkpointing(raw_model, self.cfg.activation_checkpointing)
+        if self.fsdp:
+            return self._wrap_fsdp(raw_model, make_optimizer, ck, sharded_ck)
+        optimizer = make_optimizer(raw_model)
+        if sharded_ck:  # every rank reads the whole of each tensor: a DDP rank holds them all
+            sharded_checkpoint.load_sharded(ck.path, raw_model, optimizer)
+        elif ck is not None:
+            load_optimizer(ck, optimizer)
+        model: nn.Module = raw_model
+        if self.ep > 1:
+            from condformer.parallel.expert_parallel import shard_experts
+
+            shard_experts(raw_model, self.ep, optimizer=optimizer)  # also slices the loaded optimizer state
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # an exit curriculum leaves some exits' parameters out of a step's graph
+            unused = raw_model.cfg.exits is not None and raw_model.cfg.exits.curriculum != "none"
+            model = DistributedDataParallel(raw_model, device_ids=[self.device] if self.device.startswith("cuda")
+                                            else None, find_unused_parameters=unused)
+        return model, optimizer
+
+    def _wrap_fsdp(self, raw_model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                   ck: Checkpoint | None, sharded_ck: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from condformer.parallel import fsdp, sharded_checkpoint
+
+        ignored: set[nn.Parameter] = set()
+        if self.ep > 1:
+            from condformer.parallel.expert_parallel import expert_parameters, shard_experts
+
+            shard_experts(raw_model, self.ep)
+            ignored = set(expert_parameters(raw_model))
+        fsdp.shard_model(raw_model, precision=self._precision(), offload=self.cfg.fsdp_offload,
+                         reshard_after_forward=self.cfg.fsdp_reshard_after_forward, ignored=ignored)
+        optimizer = make_optimizer(raw_model)
+        if self.ep > 1:
+            from condformer.parallel.expert_parallel import split_expert_groups
+
+            split_expert_groups(optimizer, raw_model)
+        if sharded_ck:
+            sharded_checkpoint.load_sharded(ck.path, raw_model, optimizer)
+        elif ck is not None:  # a single-file checkpoint: weights are in already, the optimizer state from rank 0
+            fsdp.load_full_state(raw_model, optimizer, None, read_optimizer_state(ck) if self.rank == 0 else {})
+        return raw_model, optimizer
+
+    def _precision(self) -> str:
+        """FSDP's parameter dtype follows --dtype: bf16 (fp32 reduction) on CUDA by default, fp32 on the CPU."""
+        return {"auto": "auto", "fp32": "fp32", "bf16": "bf16"}[self.cfg.dtype]
+
+    # -- a step -----------------------------------------------------------------------------------------
+    def sync_gradients(self, model: nn.Module, raw_model: nn.Module,
+                       last_micro: bool) -> contextlib.AbstractContextManager:
+        """Hold the gradient reduction on every micro-batch but the last (accumulation): DDP's ``no_sync`` on the
+        called model, FSDP's switch on the sharded module itself."""
+        if self.fsdp:
+            raw_model.set_requires_gradient_sync(last_micro)
+            return contextlib.nullcontext()
+        if self.world == 1 or last_micro:
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def after_backward(self, raw_model: nn.Module) -> None:
+        """Expert gradients summed over the ep groups holding the same experts (a no-op when world == ep)."""
+        if self.ep > 1:
+            from condformer.parallel.expert_parallel import reduce_expert_grads
+
+            reduce_expert_grads(raw_model)
+
+    def clip(self, raw_model: nn.Module, params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """The global gradient norm (every rank the same), gradients scaled to ``max_norm`` when above it."""
+        params = list(params)
+        if self.ep > 1:
+            from condformer.parallel.expert_parallel import clip_grad_norm_
+
+            return clip_grad_norm_(raw_model, params, max_norm)
+        if self.fsdp:
+            from condformer.parallel.fsdp import clip_grad_norm
+
+            return clip_grad_norm(params, max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def save(self, out: Path, step: int, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any], model_cfg: ModelConfig) -> None:
+        """Write the step's checkpoint; every rank calls it (gathers and sharded writes are collective)."""
+        cfg = self.cfg
+        if self.sharded_checkpoints:
+            from condformer.parallel.sharded_checkpoint import save_sharded
+
+            save_sharded(out, step, raw_model, optimizer, state, model_cfg, cfg, cfg.keep_checkpoints)
+            return
+        if self.fsdp:
+            from condformer.parallel.fsdp import consolidate
+
+            full_model, full_optimizer = consolidate(raw_model, optimizer)
+            if self.rank == 0:
+                save_checkpoint(out, step, full_model, full_optimizer, state, model_cfg, cfg, cfg.keep_checkpoints)
+            return
+        with self._gathered_experts(raw_model, optimizer):
+            if self.rank == 0:
+                save_checkpoint(out, step, raw_model, optimizer, state, model_cfg, cfg, cfg.keep_checkpoints)
+
+    @contextlib.contextmanager
+    def _gathered_experts(self, raw_model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        if self.ep == 1:
+            yield
+            return
+        from condformer.parallel.expert_checkpoint import gathered_experts
+
+        with gathered_experts(raw_model, optimizer):
+            yield
+
+    def restore_rng(self, ck: Checkpoint) -> None:
+        """A single-file checkpoint's generator state (a sharded one restores each rank's in ``load_sharded``)."""
+        from condformer.parallel.sharded_checkpoint import is_sharded
+
+        if not is_sharded(ck.path):
+            load_rng_state(ck)

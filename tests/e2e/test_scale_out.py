@@ -109,6 +109,14 @@ def test_two_ranks_follow_one_process(setup: dict, layout: str) -> None:
     assert ((resolve_checkpoint(run) / "sharded").is_dir()) == sharded  # --checkpoint-format auto
 
 
+def test_fsdp_with_expert_parallelism_on_a_two_by_two_mesh(setup: dict) -> None:
+    """4 ranks: experts split over ep = 2 and replicated over the other mesh dimension, FSDP over all four."""
+    ref, ref_run = _reference(setup, "moe")
+    run = setup["root"] / "fsdp-ep2-four-ranks"
+    result = _train(setup, "moe", run, 4, "--parallel", "fsdp", "--expert-parallel", "2")
+    _same_run(result, run, ref, ref_run)
+
+
 def _cut_back_to_step_3(run: Path, copy: Path) -> None:
     """A copy of ``run`` as a crash after step 3's checkpoint would have left it."""
     shutil.copytree(run, copy)

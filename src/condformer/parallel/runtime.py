@@ -61,8 +61,14 @@ class Layout:
         """Whether this run writes sharded checkpoints (each rank its shards) instead of one gathered file."""
         return self.cfg.checkpoint_format == "sharded" or (self.cfg.checkpoint_format == "auto" and self.fsdp)
 
-    def check(self) -> None:
+    def check(self, model_cfg: ModelConfig | None = None) -> None:
         """One-line errors for layouts that cannot work, before anything is built."""
+        exits = None if model_cfg is None else model_cfg.exits
+        if (self.fsdp or self.ep > 1) and exits is not None and (exits.halting != "none" or exits.thresholds):
+            # a layer's forward is collective under FSDP (all-gather) and EP (all-to-all): every rank must run it
+            raise ConfigError("this model's exits stop tokens at depths that differ between ranks (confidence "
+                              "thresholds or halting), but --parallel fsdp and --expert-parallel need every rank to "
+                              "run every layer; train it with DDP, or without thresholds and calibrate afterwards")
         if self.ep > 1 and self.world % self.ep:
             raise ConfigError(f"expert_parallel {self.ep} does not divide the {self.world} ranks; choose a divisor "
                               f"of {self.world}")

@@ -102,15 +102,16 @@ class _ExpertFFN(torch.autograd.Function):
                 act: str) -> torch.Tensor:
         groups = _groups(offs)
         out, hs = _forward_groups(x, w_up, w_down, groups, act, keep=True)
-        ctx.save_for_backward(x, w_up, w_down)
-        ctx.hs, ctx.groups, ctx.act = hs, groups, act
+        # the pre-activations go through save_for_backward (not ctx attributes) so that activation checkpointing's
+        # saved-tensor hooks see them: under checkpointing they are dropped after the forward and recomputed
+        ctx.save_for_backward(x, w_up, w_down, *hs)
+        ctx.groups, ctx.act = groups, act
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
-        x, w_up, w_down = ctx.saved_tensors
-        # ctx.hs stays until autograd frees the graph (a retained graph may run this backward again)
-        grads = _backward_groups(grad_out.contiguous(), x, ctx.hs, w_up, w_down, ctx.groups, w_up.shape[0], ctx.act)
+        x, w_up, w_down, *hs = ctx.saved_tensors
+        grads = _backward_groups(grad_out.contiguous(), x, hs, w_up, w_down, ctx.groups, w_up.shape[0], ctx.act)
         return *grads, None, None
 
 

@@ -37,6 +37,7 @@ from condformer.checkpoint_io import (  # noqa: F401  (re-exported: the names ca
     Checkpoint,
     _discard,
     _tidy,
+    publish_checkpoint,
     read_checkpoint,
     write_json_atomic,
     write_text_atomic,
@@ -91,7 +92,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     root.mkdir(parents=True, exist_ok=True)
     _tidy(root)
     final = root / f"step-{step:08d}"
-    tmp, aside = root / f".tmp-{final.name}", root / f".old-{final.name}"
+    tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     meta: dict[str, Any] = {}
@@ -104,17 +105,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         save_file(rng, str(tmp / RNG_FILE))
     payload = {"step": step, "model": model_cfg.to_dict(),
                "train": None if train_cfg is None else train_cfg.to_dict(), "optimizer": meta, **state}
-    write_json_atomic(tmp / STATE_FILE, payload)  # last: its presence marks the directory complete
-    if final.exists():
-        os.rename(final, aside)
-    os.rename(tmp, final)
-    write_text_atomic(root / "latest", final.name + "\n")
-    if aside.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-    steps = sorted(p for p in root.glob("step-*") if _complete(p))  # an incomplete one never displaces a whole one
-    for old in steps[:-keep]:
-        if old != final:
-            _discard(old)
+    publish_checkpoint(tmp, final, payload, keep)
     return final
 
 

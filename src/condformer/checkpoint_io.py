@@ -86,3 +86,25 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, ConfigError, TypeError, AttributeError) as e:
         raise CheckpointError(f"'{file}' is unreadable ({e}); the checkpoint may be corrupt") from None
     return Checkpoint(ck, model_cfg, train_cfg, state)
+
+
+def publish_checkpoint(tmp: Path, final: Path, payload: dict[str, Any], keep: int) -> None:
+    """Make the fully written ``tmp`` the checkpoint ``final``: ``state.json`` last, rename, ``latest``, prune.
+
+    ``state.json`` (``payload``) is written last, so its presence marks the directory complete; an existing
+    ``final`` (a re-save) is renamed aside and deleted only after ``latest`` names the new one, so a kill at any
+    point leaves the old or the new checkpoint whole; then all but the newest ``keep`` complete checkpoints go.
+    """
+    root = final.parent
+    aside = root / f".old-{final.name}"
+    write_json_atomic(tmp / STATE_FILE, payload)
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    write_text_atomic(root / "latest", final.name + "\n")
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    steps = sorted(p for p in root.glob("step-*") if _complete(p))  # an incomplete one never displaces a whole one
+    for old in steps[:-keep]:
+        if old != final:
+            _discard(old)

@@ -122,7 +122,9 @@ def _save_run(rank: int, world: int, run: str) -> dict:
     after_writer = resolve_checkpoint(run_dir)
 
     # killed while publishing: rank 0 fails to write state.json, after every shard and the index are written
-    real_json = sc.write_json_atomic
+    import condformer.checkpoint_io as io  # where the publishing step (shared with single-file saves) writes
+
+    real_json = io.write_json_atomic
 
     def broken_json(path, obj):
         if path.name == "state.json":
@@ -130,10 +132,10 @@ def _save_run(rank: int, world: int, run: str) -> dict:
         real_json(path, obj)
 
     if rank == 0:
-        sc.write_json_atomic = broken_json
+        io.write_json_atomic = broken_json
     publish_error = _one_line_error(lambda: sc.save_sharded(run_dir, K + M, model, opt, state, ModelConfig(**CFG),
                                                             None))
-    sc.write_json_atomic = real_json
+    io.write_json_atomic = real_json
     after_publish = resolve_checkpoint(run_dir)
     leftovers = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 

@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,10 +69,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.storage import WriteResult
 
-from condformer.checkpoint_io import Checkpoint, _discard, _tidy, read_checkpoint, write_json_atomic, write_text_atomic
+from condformer.checkpoint_io import Checkpoint, _tidy, publish_checkpoint, read_checkpoint, write_json_atomic
 from condformer.config import ModelConfig, TrainConfig
 from condformer.errors import CheckpointError
-from condformer.run_layout import MODEL_FILE, SHARDED_DIR, SHARDED_INDEX, STATE_FILE, _complete, resolve_checkpoint
+from condformer.run_layout import MODEL_FILE, SHARDED_DIR, SHARDED_INDEX, STATE_FILE, resolve_checkpoint
 
 INDEX_FORMAT = "condformer-sharded-safetensors"
 INDEX_VERSION = 1
@@ -421,7 +420,7 @@ def save_sharded(run_dir: str | Path, step: int, model: torch.nn.Module, optimiz
     rank, _ = _rank_world()
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
-    tmp, aside = root / f".tmp-{final.name}", root / f".old-{final.name}"
+    tmp = root / f".tmp-{final.name}"
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -444,17 +443,7 @@ def save_sharded(run_dir: str | Path, step: int, model: torch.nn.Module, optimiz
     def publish() -> None:
         payload = {"step": step, "model": model_cfg.to_dict(),
                    "train": None if train_cfg is None else train_cfg.to_dict(), "optimizer": meta, **state}
-        write_json_atomic(tmp / STATE_FILE, payload)  # last: its presence marks the directory complete
-        if final.exists():
-            os.rename(final, aside)
-        os.rename(tmp, final)
-        write_text_atomic(root / "latest", final.name + "\n")
-        if aside.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        steps = sorted(p for p in root.glob("step-*") if _complete(p))
-        for old in steps[:-keep]:
-            if old != final:
-                _discard(old)
+        publish_checkpoint(tmp, final, payload, keep)
 
     _agree(_attempt(publish, lambda e: f"cannot publish '{final}': {_first_line(e)}") if rank == 0 else None,
            f"publishing '{final}'")

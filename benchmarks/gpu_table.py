@@ -30,7 +30,9 @@ def collect(out: pathlib.Path) -> dict:
     if peer is not None:
         device = f"{peer['device']} (torch {peer['torch']}, {peer['threads']} CPU threads)"
     tests = (out / "tests.txt").read_text().strip().splitlines()[-1:] if (out / "tests.txt").exists() else []
-    return {"device": device, "tests": tests[0] if tests else None, "rows": rows, "moe_peer": peer}
+    mfu_path = out / "mfu.jsonl"  # benchmarks/fsdp_mfu.py: one line per preset
+    mfu = [json.loads(x) for x in mfu_path.read_text().splitlines() if x.strip()] if mfu_path.exists() else []
+    return {"device": device, "tests": tests[0] if tests else None, "rows": rows, "moe_peer": peer, "mfu": mfu}
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -51,6 +53,14 @@ def markdown(result: dict) -> str:
                   f"of {peer['expert_dim']}, top-{peer['top_k']}, {peer['dtype']}:", "",
                   "| row | ms | tokens/s vs dense |", "| --- | --- | --- |"]
         lines += [f"| {k} | {v['median_ms']:.1f} | {v['speed_vs_dense']:.3f} |" for k, v in peer["rows"].items()]
+    if result.get("mfu"):
+        lines += ["", "Training step under FSDP2 (benchmarks/fsdp_mfu.py):", "",
+                  "| preset | device | ranks | dtype | compiled | batch x T | tokens/s per rank | TFLOP/s per rank "
+                  "| MFU |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {m['preset']} | {m['device']} | {m['ranks']} | {m['dtype']} | {m['compile']} | "
+                  f"{m['batch_size_per_rank']} x {m['seq_len']} | {m['tokens_per_s_per_rank']:.0f} | "
+                  f"{m['tflops_per_rank']:.2f} | {_num(m['mfu'], '.1%')} |" for m in result["mfu"]]
     return "\n".join(lines) + "\n"
 
 

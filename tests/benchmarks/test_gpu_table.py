@@ -44,3 +44,27 @@ def test_rows_peer_and_device_land_in_json_and_markdown(gpu_table, tmp_path):
     assert "| mod-train | train (compiled) | medium-mod vs medium | 8 x 64 | 500.0 | 1000.0 | 2.00x | 0.550 |" in md
     assert "| spec-b1 | generate | medium-mod vs medium | 8 x 64 | 200.0 | 300.0 | 1.50x | - |" in md
     assert "| mixtral-grouped_mm | 12.5 | 0.800 |" in md
+
+
+def test_fsdp_mfu_rows_render_with_and_without_a_known_peak(gpu_table, tmp_path):
+    rows = [{"preset": "gpt2-small", "device": "NVIDIA H100 80GB HBM3", "ranks": 1, "compile": True, "dtype": "bf16",
+             "batch_size_per_rank": 8, "seq_len": 1024, "step_s_median": 0.25, "tokens_per_s_per_rank": 32768.0,
+             "tflops_per_rank": 400.0, "mfu": 0.4044, "peak_memory_gb": 20.0},
+            {"preset": "tiny", "device": "cpu", "ranks": 1, "compile": False, "dtype": "fp32",
+             "batch_size_per_rank": 2, "seq_len": 64, "step_s_median": 0.1, "tokens_per_s_per_rank": 1280.0,
+             "tflops_per_rank": 0.01, "mfu": None, "peak_memory_gb": None}]
+    (tmp_path / "mfu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gpu_table.main([str(tmp_path)])
+    assert json.loads((tmp_path / "gpu.json").read_text())["mfu"] == rows
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| gpt2-small | NVIDIA H100 80GB HBM3 | 1 | bf16 | True | 8 x 1024 | 32768 | 400.00 | 40.4% |" in md
+    assert "| tiny | cpu | 1 | fp32 | False | 2 x 64 | 1280 | 0.01 | - |" in md
+
+
+def test_fsdp_mfu_peak_table_matches_device_names():
+    spec = importlib.util.spec_from_file_location("fsdp_mfu", SCRIPT.parent / "fsdp_mfu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert module.peak_flops("NVIDIA H200") == 989e12
+    assert module.peak_flops("some other card") is None

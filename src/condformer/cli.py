@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.func(args)
     except CondformerError as e:
-        return _fail(str(e))
+        return _fail(str(e), e.rank_specific)
     except KeyboardInterrupt:
         print("condformer: interrupted (a training run saved a checkpoint; continue it with --resume)",
               file=sys.stderr)
@@ -760,8 +760,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    print("condformer: error: " + " ".join(message.split("\n")), file=sys.stderr)
+def _fail(message: str, rank_specific: bool = False) -> int:
+    """Print the one-line error and exit 2; under torchrun on rank 0 only (every rank meets the same bad input),
+    unless only this rank saw it."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or rank_specific:
+        where = f"rank {rank}: " if rank and not message.startswith(f"rank {rank}") else ""
+        print("condformer: error: " + where + " ".join(message.split("\n")), file=sys.stderr)
     return 2
 
 

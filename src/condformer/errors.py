@@ -5,9 +5,23 @@ subclass of :class:`CondformerError` whose message is one line naming the proble
 prints that line and exits non-zero; it never shows a traceback for these.
 """
 
+from __future__ import annotations
+
 
 class CondformerError(Exception):
-    """Base class for errors caused by user input, reported as one line."""
+    """Base class for errors caused by user input, reported as one line.
+
+    Under torchrun every rank meets the same bad input, so the CLI prints an error on rank 0 only, unless it is
+    ``rank_specific``: something only this rank saw (a peer that stopped answering it, its own shard failing to
+    write), which every rank that has it reports.
+    """
+
+    rank_specific: bool = False
+
+    def on_this_rank(self) -> CondformerError:
+        """This error, marked as one only this rank saw (see the class docstring)."""
+        self.rank_specific = True
+        return self
 
 
 class ConfigError(CondformerError, ValueError):

@@ -123,7 +123,7 @@ def _collective_failure(e: BaseException, rank: int, timeout_s: float) -> Traini
     cause = str(e).splitlines()[0][:120]
     return TrainingError(f"rank {rank}: a collective failed or waited more than {timeout_s:g} s ({cause}); another "
                          f"rank probably died or hangs: see its output, then continue with --resume from the last "
-                         f"checkpoint")
+                         f"checkpoint").on_this_rank()
 
 
 def _all_mean(t: torch.Tensor, world: int) -> torch.Tensor:

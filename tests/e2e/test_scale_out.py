@@ -153,3 +153,23 @@ def test_consolidate_makes_a_single_file(setup: dict) -> None:
         torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=0)
     result = _cli(["eval", str(copy), "--json"], setup["env"])
     assert result["val_loss"] > 0
+
+
+@pytest.mark.parametrize(("flags", "ranks", "expected"), [
+    (["--expert-parallel", "3"], 2, "expert_parallel 3 does not divide the 2 ranks"),
+    (["--parallel", "fsdp"], None, "--parallel fsdp needs a process group: launch with torchrun"),
+])
+def test_bad_layouts_are_one_line_from_rank_0(setup: dict, flags: list[str], ranks: int | None,
+                                              expected: str) -> None:
+    """Every rank meets the same bad input; one line reaches the user, every rank exits, nothing is written."""
+    out = setup["root"] / f"bad-{'-'.join(flags)}"
+    args = ["train", "--config", str(setup["configs"]["moe"]), "--data", str(setup["corpus"]), "--seq-len", "32",
+            "--max-steps", "2", "--no-progress", "--out", str(out), *flags]
+    launch = [sys.executable, "-m", "condformer.cli"] if ranks is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
+         "condformer.cli"]
+    proc = subprocess.run([*launch, *args], capture_output=True, text=True, env=setup["env"], timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("condformer: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert not out.exists()

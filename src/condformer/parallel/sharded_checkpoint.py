@@ -118,9 +118,9 @@ def _agree(error: str | None, what: str) -> None:
         dist.all_reduce(flags)
         failed = [r for r, f in enumerate(flags.tolist()) if f]
         if error is None and failed:
-            error = f"{what} failed on rank {failed[0]} (its error is in that rank's output)"
-    if error is not None:
-        raise CheckpointError(error)
+            raise CheckpointError(f"{what} failed on rank {failed[0]} (its error is in that rank's output)")
+    if error is not None:  # this rank's own failure: the CLI prints it on this rank too
+        raise CheckpointError(error).on_this_rank()
 
 
 def _attempt(fn: Callable[[], Any], describe: Callable[[BaseException], str]) -> str | None:

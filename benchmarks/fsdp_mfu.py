@@ -103,6 +103,7 @@ def main() -> None:
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record))
+    dist.barrier()  # rank 0 may still be writing: tearing gloo down under it aborts a rank
     dist.destroy_process_group()
 
 

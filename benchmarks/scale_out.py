@@ -28,10 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-MATRIX = [  # (preset, ranks, parallel, expert_parallel)
-    ("medium", 2, "ddp", 1), ("medium", 2, "fsdp", 1), ("medium", 4, "ddp", 1), ("medium", 4, "fsdp", 1),
-    ("medium-moe", 2, "ddp", 1), ("medium-moe", 2, "fsdp", 1), ("medium-moe", 4, "ddp", 1),
-    ("medium-moe", 4, "fsdp", 1), ("medium-moe", 2, "ddp", 2), ("medium-moe", 4, "fsdp", 4),
+# activations large enough for recomputation to matter: (preset, ranks, parallel, ac, batch per rank, seq_len)
+AC_MATRIX = [("medium", 2, "fsdp", ac, 8, 512) for ac in ("none", "selective", "full")]
+MATRIX = [  # (preset, ranks, parallel, expert_parallel, activation_checkpointing)
+    ("medium", 2, "ddp", 1, "none"), ("medium", 2, "fsdp", 1, "none"), ("medium", 4, "ddp", 1, "none"),
+    ("medium", 4, "fsdp", 1, "none"), ("medium-moe", 2, "ddp", 1, "none"), ("medium-moe", 2, "fsdp", 1, "none"),
+    ("medium-moe", 4, "ddp", 1, "none"), ("medium-moe", 4, "fsdp", 1, "none"), ("medium-moe", 2, "ddp", 2, "none"),
+    ("medium-moe", 4, "fsdp", 4, "none"), ("medium", 2, "fsdp", 1, "selective"), ("medium", 2, "fsdp", 1, "full"),
 ]
 
 
@@ -57,7 +60,8 @@ def worker(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-3,
-                      parallel=args.parallel, expert_parallel=args.ep, checkpoint_format="full")
+                      parallel=args.parallel, expert_parallel=args.ep,
+                      activation_checkpointing=args.ac)
     model_cfg = preset(args.preset)
     model_cfg.vocab_size = 256
     torch.manual_seed(0)
@@ -99,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         per_rank = torch.stack(rows)
         record = {"preset": args.preset, "ranks": world, "parallel": args.parallel, "expert_parallel": args.ep,
+                  "activation_checkpointing": args.ac,
                   "full_param_mb": full_param_bytes / 2**20,
                   "param_mb_per_rank": float(per_rank[:, 0].max()) / 2**20,
                   "optim_mb_per_rank": float(per_rank[:, 1].max()) / 2**20,
@@ -110,31 +115,51 @@ def worker(args: argparse.Namespace) -> None:
             record["all_to_all_s_per_step"] = a2a["all_to_all_s"]
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+    dist.barrier()  # rank 0 may still be writing: tearing gloo down under it aborts a rank
     dist.destroy_process_group()
 
 
 def run_all(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    out.unlink(missing_ok=True)
+    if not args.resume:
+        out.unlink(missing_ok=True)
+    done = {(r["preset"], r["ranks"], r["parallel"], r["expert_parallel"], r.get("activation_checkpointing", "none"))
+            for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())} if out.exists() else set()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for preset_name, ranks, parallel, ep in MATRIX:
+    for preset_name, ranks, parallel, ep, ac in MATRIX:
+        if (preset_name, ranks, parallel, ep, ac) in done:  # --resume: rows measured by an earlier call
+            continue
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
                "worker", "--preset", preset_name, "--parallel", parallel, "--ep", str(ep), "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--out", str(out)]
-        print(f"{preset_name} x{ranks} {parallel} ep={ep}", file=sys.stderr, flush=True)
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--out", str(out), "--ac", ac]
+        print(f"{preset_name} x{ranks} {parallel} ep={ep} ac={ac}", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, env=env)
+    done_ac = {(r["preset"], r["ranks"], r["parallel"], r.get("activation_checkpointing", "none"),
+                r["batch_size_per_rank"], r["seq_len"]) for r in map(json.loads, out.read_text().splitlines())}
+    for row in AC_MATRIX:
+        if row in done_ac:
+            continue
+        preset_name, ranks, parallel, ac, batch, seq = row
+        print(f"{preset_name} x{ranks} {parallel} ac={ac} batch {batch} x {seq}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                        __file__, "worker", "--preset", preset_name, "--parallel", parallel, "--ac", ac, "--steps",
+                        str(args.steps), "--batch-size", str(batch), "--seq-len", str(seq), "--out", str(out)],
+                       check=True, env=env)
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     print(table(rows))
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | ranks | layout | full params MB | params MB / rank | AdamW state MB / rank | peak RSS growth MB "
-             "/ rank | step s (median) | all-to-all share |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| preset | ranks | layout | batch x T per rank | full params MB | params MB / rank "
+             "| AdamW state MB / rank | peak RSS growth MB / rank | step s (median) | all-to-all share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         layout = r["parallel"] + (f" + EP {r['expert_parallel']}" if r["expert_parallel"] > 1 else "")
+        if r.get("activation_checkpointing", "none") != "none":
+            layout += f" + {r['activation_checkpointing']} AC"
         share = f"{r['all_to_all_share']:.1%}" if "all_to_all_share" in r else ""
-        lines.append(f"| {r['preset']} | {r['ranks']} | {layout} | {r['full_param_mb']:.1f} | "
+        lines.append(f"| {r['preset']} | {r['ranks']} | {layout} | {r['batch_size_per_rank']} x {r['seq_len']} | "
+                     f"{r['full_param_mb']:.1f} | "
                      f"{r['param_mb_per_rank']:.1f} | {r['optim_mb_per_rank']:.1f} | "
                      f"{r['peak_rss_growth_mb_per_rank']:.0f} | {r['step_s_median']:.2f} | {share} |")
     return "\n".join(lines)
@@ -146,10 +171,12 @@ def main() -> None:
     p.add_argument("--preset", default="medium")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--ac", choices=["none", "full", "selective"], default="none")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--out", default="benchmarks/scale-out.json")
+    p.add_argument("--resume", action="store_true", help="all: keep the rows --out holds, measure the rest")
     args = p.parse_args()
     if args.mode == "worker":
         worker(args)

@@ -143,6 +143,9 @@ def test_consolidate_makes_a_single_file(setup: dict) -> None:
     run = setup["root"] / "fsdp-dense"
     if not run.exists():
         pytest.skip("needs the fsdp-dense run of test_two_ranks_follow_one_process")
+    exported = setup["root"] / "exported"  # export reads the sharded checkpoint as it is (one process, no group)
+    _cli(["export", str(run), "--out", str(exported), "--json"], setup["env"])
+    assert (exported / "config.json").is_file() and (exported / "model.safetensors").is_file()
     copy = setup["root"] / "consolidated"
     shutil.copytree(run, copy)
     out = _cli(["consolidate", str(copy), "--json"], setup["env"])

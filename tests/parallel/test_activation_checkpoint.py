@@ -264,9 +264,22 @@ def test_a_recomputation_with_fresh_random_numbers_is_caught(case: str, referenc
 GLOBAL_BATCH = {"layers": [_moe(capacity_factor=1.0, balance_coef=0.1, importance_coef=0.1),
                            _mod(causal_router="threshold"), _moe(aux_free_rate=0.01, balance_coef=0.1)]}
 EXPERT_PARALLEL = {"layers": [LayerSpec(), _moe(capacity_factor=None, aux_free_rate=0.01)]}
-# no AltUp here: its coefficient statistics are views of the all-gathered weights, which FSDP2 frees after the
-# forward, so reading them segfaults with or without checkpointing (ScalarCoefficients.effective should clone)
-SHARDED = {"layers": [_moe(capacity_factor=1.0, aux_free_rate=0.01), _mod(causal_router="threshold")]}
+# AltUp included: its reported coefficients are copies, not views of the gathered weights FSDP2 frees
+SHARDED = {"layers": [_moe(capacity_factor=1.0, aux_free_rate=0.01), _mod(causal_router="threshold")],
+           "altup": AltUpConfig(k=2), "tie_embeddings": True}
+
+
+def _pairs_sent(fields: dict, mode: str, seed: int, prepare: Callable[[torch.nn.Module], object]) -> list[int]:
+    """Pairs each expert-parallel layer counted as sent over one forward + backward (the benchmark's counters)."""
+    from condformer.parallel.expert_parallel import _Timer
+
+    model = _model(fields, mode)
+    prepare(model)
+    layers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+    for par in layers:
+        par.timer = _Timer(torch.device("cpu"))
+    model(**_batch(0, False, seed)).train_loss.backward()
+    return [par.timer.pairs_sent for par in layers]
 
 
 def _modes_on_a_rank(rank: int, world: int) -> dict:
@@ -291,8 +304,11 @@ def _modes_on_a_rank(rank: int, world: int) -> dict:
         shard_experts(model, world)
 
     ref = _train(EXPERT_PARALLEL, {}, "none", seed=seed, prepare=shard)
+    sent_none = _pairs_sent(EXPERT_PARALLEL, "none", seed, shard)
     for mode in ("full", "selective"):
         _compare(ref, _train(EXPERT_PARALLEL, {}, mode, seed=seed, prepare=shard))
+        # the recomputation moves the pairs again but does not count them twice
+        assert _pairs_sent(EXPERT_PARALLEL, mode, seed, shard) == sent_none
 
     def fsdp(model: torch.nn.Module) -> None:
         shard_model(model, precision="fp32")

@@ -146,8 +146,11 @@ class ExpertParallel:
 
     # -- forward ---------------------------------------------------------------------------------
     def dispatch(self, x_ND: torch.Tensor, expert_NK: torch.Tensor, gate_NK: torch.Tensor,
-                 bank: StackedExperts) -> torch.Tensor:
-        """y_ND = sum_j gate_nj * expert_(e_nj)(x_n) over the real pairs, experts on whichever rank holds them."""
+                 bank: StackedExperts, record: bool = True) -> torch.Tensor:
+        """y_ND = sum_j gate_nj * expert_(e_nj)(x_n) over the real pairs, experts on whichever rank holds them.
+
+        ``record``: count the pairs moved (False in activation checkpointing's recomputation, which moves them
+        again: the time is real and is measured, the pairs are the same ones)."""
         N, K = expert_NK.shape
         E, R = self.n_experts, self.size
         e_P = expert_NK.reshape(-1)  # pair p = n*K + j
@@ -169,6 +172,8 @@ class ExpertParallel:
         out_recv = self._local_experts(x_recv, recv_RL, recv_RL_host, bank)
         out_sent = self._all_to_all(out_recv, send_R, recv_R, "combine")
         out_sorted = torch.cat([out_sent, out_sent.new_zeros(N * K - n_send, out_sent.shape[1])])
+        if not record:
+            return _combine(gather_rows(out_sorted, inverse_P, order_P), gate_NK, x_ND)
         self.last_sent, self.last_received = n_send, sum(recv_R)
         if self.timer is not None:
             self.timer.pairs_sent += n_send

@@ -265,7 +265,7 @@ class MoEFFN(nn.Module):
         if how == "auto":
             how = "grouped" if self.bank.grouped_supported(x_ND) else "sorted"
         if self.expert_parallel is not None:  # experts live on several ranks: all-to-all there and back
-            y_ND = self.expert_parallel.dispatch(x_ND, run_NK, gate_NK, self.bank)
+            y_ND = self.expert_parallel.dispatch(x_ND, run_NK, gate_NK, self.bank, record=ctx.accumulate)
         elif factor is not None:
             C = dispatch.capacity_slots(factor, B * T, self.k, self.n_total)
             y_ND, kept_NK = dispatch.with_capacity(x_ND, expert_NK, gate_NK, self.bank, C, self.drop_policy)

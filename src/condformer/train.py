@@ -482,7 +482,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
                           f"lower --seq-len or raise max_seq_len in the config")
     model_cfg.validate()
     layout = Layout(cfg, rank, world, device)
-    layout.check(model_cfg)
+    layout.check(model_cfg, resuming_single_file=ck is not None and not is_sharded(ck.path))
     total_steps, flops_per_step = plan_steps(model_cfg, cfg, world)
     if ck is not None or init is not None:
         check_weights_fit(ck or init, model_cfg)  # before allocating: a config asking for a huge model is refused

@@ -48,3 +48,12 @@ def test_bad_settings_are_one_line() -> None:
                                ({"dist_timeout_s": 0.0}, "dist_timeout_s"),
                                ({"checkpoint_format": "zip"}, "checkpoint_format")):
         assert expected in one_line_error(lambda s=settings: TrainConfig(max_steps=1, **s).validate(), ConfigError)
+
+
+def test_fsdp_with_experts_does_not_resume_a_single_file() -> None:
+    layout = _layout(2, parallel="fsdp", expert_parallel=2)
+    assert "resume it with one of them" in one_line_error(lambda: layout.check(None, resuming_single_file=True),
+                                                          ConfigError)
+    layout.check(None, resuming_single_file=False)  # a sharded checkpoint resumes with both
+    _layout(2, parallel="fsdp").check(None, resuming_single_file=True)
+    _layout(2, expert_parallel=2).check(None, resuming_single_file=True)

@@ -61,8 +61,17 @@ class Layout:
         """Whether this run writes sharded checkpoints (each rank its shards) instead of one gathered file."""
         return self.cfg.checkpoint_format == "sharded" or (self.cfg.checkpoint_format == "auto" and self.fsdp)
 
-    def check(self, model_cfg: ModelConfig | None = None) -> None:
-        """One-line errors for layouts that cannot work, before anything is built."""
+    def check(self, model_cfg: ModelConfig | None = None, resuming_single_file: bool = False) -> None:
+        """One-line errors for layouts that cannot work, before anything is built.
+
+        ``resuming_single_file``: the run resumes from a single-file checkpoint (not a sharded one).
+        """
+        if self.fsdp and self.ep > 1 and resuming_single_file:
+            # FSDP builds the optimizer on sharded parameters; a single file's expert moments are the full (E, ...)
+            # ones, which nothing would slice between the two shardings
+            raise ConfigError("a single-file checkpoint cannot be resumed with --parallel fsdp and --expert-parallel "
+                              "together; resume it with one of them (its next checkpoints are sharded, and those "
+                              "resume with both)")
         exits = None if model_cfg is None else model_cfg.exits
         if (self.fsdp or self.ep > 1) and exits is not None and (exits.halting != "none" or exits.thresholds):
             # a layer's forward is collective under FSDP (all-gather) and EP (all-to-all): every rank must run it

@@ -8,6 +8,19 @@ import torch
 from condformer.errors import ConfigError
 
 
+def perturb_(model, scale: float = 0.05, expert_bias: float = 0.0):
+    """Move every parameter (and, with ``expert_bias`` > 0, MoE's aux-free bias) off its initialisation, in place:
+    zero-initialised routers and branches, unit norm gains and zero biases hide bugs. Returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+        if expert_bias:
+            for name, b in model.named_buffers():
+                if name.endswith("expert_bias"):
+                    b.add_(expert_bias * torch.randn_like(b))
+    return model
+
+
 def one_line_error(fn, cls=ConfigError) -> str:
     """Call ``fn``, expect ``cls``, check the message is one non-empty line, and return it."""
     with pytest.raises(cls) as err:

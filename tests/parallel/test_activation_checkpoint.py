@@ -25,7 +25,7 @@ from condformer.model import build_model
 from condformer.optim import before_optimizer_step
 from condformer.parallel import activation_checkpoint as ac
 from condformer.parallel.activation_checkpoint import apply_activation_checkpointing
-from helpers import one_line_error
+from helpers import one_line_error, perturb_
 
 from .spawn import run_ranks
 
@@ -80,14 +80,10 @@ def _config(fields: dict) -> ModelConfig:
 def _model(fields: dict, mode: str) -> torch.nn.Module:
     """A float64 model, every parameter and routing buffer moved off its initialisation (same for every mode)."""
     torch.manual_seed(0)
-    model = build_model(_config(fields)).to(F64)
+    model = perturb_(build_model(_config(fields)).to(F64), 0.05, expert_bias=0.05)  # the bias starts at zero
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
         for name, buf in model.named_buffers():
-            if name.endswith("expert_bias"):
-                buf.copy_(0.05 * torch.randn_like(buf))
-            elif name.endswith("threshold"):
+            if name.endswith("threshold"):
                 buf.fill_(0.02)  # finite: the decision statistics read it, and each batch moves it
     apply_activation_checkpointing(model, mode)
     return model.train()

@@ -44,6 +44,7 @@ from condformer.parallel.fsdp import (
     shard_model,
     shard_sizes,
 )
+from helpers import perturb_
 
 B, T, STEPS, VOCAB = 2, 16, 3, 64
 # clipping below the gradient norm, so a wrongly reduced norm changes the update (Adam alone is scale-free)
@@ -71,13 +72,7 @@ def case_cfg(name: str) -> ModelConfig:
 def initial_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Float64 weights moved off their initialisation (zero-init residual branches, unit norms, zero bias)."""
     torch.manual_seed(seed)
-    model = build_model(cfg).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("expert_bias"):
-                b.add_(0.01 * torch.randn_like(b))
+    model = perturb_(build_model(cfg).double(), 0.05, expert_bias=0.01)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -19,6 +19,7 @@ from condformer.config import LayerSpec, ModelConfig
 from condformer.model import build_model
 from condformer.parallel.global_batch import MICRO_BATCH, GlobalBatch, batch_scope
 from condformer.routing.moe import dispatch
+from helpers import perturb_
 
 from .spawn import run_ranks
 
@@ -43,11 +44,7 @@ def _model(options: dict, scope: str) -> torch.nn.Module:
               LayerSpec(ffn="moe", options=moe)]
     cfg = ModelConfig(d_model=32, n_layers=3, n_heads=2, max_seq_len=32, vocab_size=V, d_ff=64, init_std=0.3,
                       layers=layers)
-    model = build_model(cfg).double()
-    with torch.no_grad():  # away from zero-initialised routers and gains: a zero init hides bugs
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.train()
+    return perturb_(build_model(cfg).double()).train()
 
 
 def _batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:

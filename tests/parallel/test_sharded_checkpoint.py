@@ -30,6 +30,7 @@ from condformer.model import build_model
 from condformer.optim import make_optimizer
 from condformer.parallel.fsdp import shard_model
 from condformer.run_layout import SHARDED_DIR, SHARDED_INDEX, _complete, resolve_checkpoint
+from helpers import perturb_
 
 # vocab 67: the embedding's rows split unevenly over 2 and 4 ranks; tied head: one tensor under two names;
 # a SAS block: 0-dim gains, which FSDP2 leaves replicated (plain tensors beside the DTensors)
@@ -45,10 +46,7 @@ B, T = 4, 16  # global batch: 4 sequences of 16 tokens, split over the ranks
 def _model(world: int, fsdp: bool, **overrides) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The same perturbed float64 model on every rank, FSDP2-sharded (per layer and at the root) or plain."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**{**CFG, **overrides})).double()
-    with torch.no_grad():
-        for p in model.parameters():  # away from the zero / unit inits of biases and norm gains
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_(build_model(ModelConfig(**{**CFG, **overrides})).double())
     if fsdp:
         shard_model(model, precision="fp32")
     return model, make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1, max_steps=10))

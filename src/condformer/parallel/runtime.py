@@ -134,7 +134,8 @@ class Layout:
 
             shard_experts(raw_model, self.ep)
             ignored = set(expert_parameters(raw_model))
-        fsdp.shard_model(raw_model, precision=self._precision(), offload=self.cfg.fsdp_offload,
+        # FSDP's parameter dtype follows --dtype: auto is bf16 (fp32 reduction) on CUDA and fp32 on the CPU
+        fsdp.shard_model(raw_model, precision=self.cfg.dtype, offload=self.cfg.fsdp_offload,
                          reshard_after_forward=self.cfg.fsdp_reshard_after_forward, ignored=ignored)
         optimizer = make_optimizer(raw_model)
         if self.ep > 1:
@@ -146,10 +147,6 @@ class Layout:
         elif ck is not None:  # a single-file checkpoint: weights are in already, the optimizer state from rank 0
             fsdp.load_full_state(raw_model, optimizer, None, read_optimizer_state(ck) if self.rank == 0 else {})
         return raw_model, optimizer
-
-    def _precision(self) -> str:
-        """FSDP's parameter dtype follows --dtype: bf16 (fp32 reduction) on CUDA by default, fp32 on the CPU."""
-        return {"auto": "auto", "fp32": "fp32", "bf16": "bf16"}[self.cfg.dtype]
 
     # -- a step -----------------------------------------------------------------------------------------
     def sync_gradients(self, model: nn.Module, raw_model: nn.Module,

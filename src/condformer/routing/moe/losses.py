@@ -47,14 +47,10 @@ def switch_balance_loss(probs_NE: torch.Tensor, expert_NK: torch.Tensor, convent
     n_experts, k = probs_NE.shape[-1], expert_NK.shape[-1]
     if convention not in BALANCE_CONVENTIONS:
         raise ValueError(f"unknown balance convention {convention!r}; choose one of {BALANCE_CONVENTIONS}")
-    if scope.world == 1:
-        f_E = assignment_fractions(expert_NK, n_experts)
-        P_E = probs_NE.float().mean(dim=0)
-    else:
-        counts_E = scope.counts(count_ids(expert_NK.reshape(-1), n_experts).float())
-        n_rows = scope.counts(probs_NE.new_tensor(float(probs_NE.shape[0]), dtype=torch.float32)).clamp(min=1)
-        f_E = counts_E / (n_rows * k)
-        P_E = scope.sum(probs_NE.float().sum(dim=0)) / n_rows
+    counts_E = scope.counts(count_ids(expert_NK.reshape(-1), n_experts).float())
+    n_rows = scope.counts(probs_NE.new_tensor(float(probs_NE.shape[0]), dtype=torch.float32)).clamp(min=1)
+    f_E = counts_E / (n_rows * k)  # assignment_fractions over the scope's rows
+    P_E = scope.sum(probs_NE.float().sum(dim=0)) / n_rows
     if convention == "hf":
         f_E = f_E * k
     return n_experts * (f_E.detach() * P_E).sum()

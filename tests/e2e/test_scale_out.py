@@ -20,6 +20,7 @@ import torch
 
 from condformer.checkpoint import load_weights, read_checkpoint
 from condformer.model import build_model
+from condformer.parallel.sharded_checkpoint import read_index
 from condformer.run_layout import resolve_checkpoint
 
 MOE = {"ffn": "moe", "options": {"experts": 4, "capacity_factor": 1.0, "balance_coef": 0.05}}
@@ -115,6 +116,13 @@ def test_fsdp_with_expert_parallelism_on_a_two_by_two_mesh(setup: dict) -> None:
     run = setup["root"] / "fsdp-ep2-four-ranks"
     result = _train(setup, "moe", run, 4, "--parallel", "fsdp", "--expert-parallel", "2")
     _same_run(result, run, ref, ref_run)
+    # each expert weight was written as four blocks: two ep shards of 2 experts, each split in two by FSDP
+    index = read_index(resolve_checkpoint(run))
+    for key in ("model.layers.1.block.ffn.bank.w_up", "model.layers.1.block.ffn.bank.w_down"):
+        chunks = sorted((c["offsets"], c["sizes"]) for c in index["tensors"][key]["chunks"])
+        rows, cols = index["tensors"][key]["shape"][:2]
+        assert chunks == [([e, c, 0], [rows // 2, cols // 2, index["tensors"][key]["shape"][2]])
+                          for e in (0, rows // 2) for c in (0, cols // 2)], key
 
 
 def _cut_back_to_step_3(run: Path, copy: Path) -> None:

@@ -216,6 +216,8 @@ def _world_checks(rank: int, world: int, out_dir: str) -> dict:
            "bad": _bad_inputs(rank, world)}
     if world == 2:  # the training runs share the 2-rank spawn (starting processes is most of a spawn's cost)
         out.update(_train_ranks(rank, world, out_dir))
+    else:
+        out["fsdp_replicas"] = _fsdp_replicas_run(rank, world, out_dir)
     return out
 
 
@@ -430,6 +432,46 @@ def _fsdp_run(rank: int, world: int, out_dir: str) -> dict:
     return {"losses": step.losses, "norms": step.norms, "dcp_loaded": loaded}
 
 
+def _fsdp_replicas_run(rank: int, world: int, out_dir: str) -> dict:
+    """4 ranks, ep 2: ``shard_model`` gives each pair of ranks holding the same experts an FSDP2 group that splits
+    them in two (dim 1), the rest over all four ranks; the trainer's step (full activation checkpointing: the
+    bank is gathered again in the recomputation); a DCP checkpoint loaded into a fresh 4-rank model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from condformer.parallel import fsdp
+    from condformer.parallel.activation_checkpoint import apply_activation_checkpointing
+
+    def build(seed: int) -> torch.nn.Module:
+        model = _model(TRAIN, 4, seed=seed)
+        apply_activation_checkpointing(model, "full")
+        EP.shard_experts(model, EP.expert_mesh(2))
+        return fsdp.shard_model(model)
+
+    model = build(0)
+    opt = make_optimizer(model, TRAIN_CFG)
+    EP.split_expert_groups(opt, model)
+    experts = EP.expert_parameters(model)
+    layout = [(type(p).__name__, tuple(p.shape), tuple(p.to_local().shape)) for p in experts]
+    step = _Steps(model, model, opt, rank, world)
+    for s in range(STEPS):
+        step(s)
+    sizes = fsdp.shard_sizes(model, opt)
+    sd = get_model_state_dict(model)
+    sd.update(CK.expert_dtensors(model))
+    dcp.save(sd, checkpoint_id=f"{out_dir}/dcp-replicas")
+    fresh = build(5)
+    sd = get_model_state_dict(fresh)
+    sd.update(CK.expert_dtensors(fresh))
+    dcp.load(sd, checkpoint_id=f"{out_dir}/dcp-replicas")  # in place, into FSDP's shards of the experts
+    loaded = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(experts, EP.expert_parameters(fresh),
+                                                                         strict=True))
+    return {"losses": step.losses, "norms": step.norms, "layout": layout, "dtensor": isinstance(experts[0], DTensor),
+            "expert_bytes": sum(p.to_local().numel() * p.element_size() for p in experts),
+            "param_bytes": sizes.local_param_bytes, "loaded": loaded}
+
+
 def _train_ranks(rank: int, world: int, out_dir: str) -> dict:
     return {"ddp": _ddp_run(rank, world, out_dir), "fsdp": _fsdp_run(rank, world, out_dir)}
 
@@ -492,3 +534,29 @@ def test_training_follows_one_process(world2) -> None:
     assert all(math.isfinite(v) and v >= 0 for v in bench.values())
     assert 0 < bench["share"] <= 1 and bench["pairs_sent"] == B_GLOBAL // 2 * T * 2  # N*K pairs per rank
     assert results[1]["ddp"]["bench"] == bench  # averaged over the ranks
+
+
+def test_fsdp_splits_replicated_experts_and_follows_one_process(world4) -> None:
+    """4 ranks, ep 2 (each expert on two ranks): FSDP2 splits every expert weight between the two ranks holding
+    it, so a rank keeps a quarter of the experts (half the ep shard); training with full activation checkpointing
+    follows one process at the global batch (losses and clipped norms: the expert gradients are the mean over
+    all four ranks' losses), and the DCP checkpoint loads into a fresh sharded model and into one process."""
+    results, out_dir = world4
+    ref = _train_reference()
+    E, D, F = 4, 32, 64  # TRAIN's bank: 4 experts of d_model 32, d_ff 64 (gelu)
+    for r in results:
+        run = r["fsdp_replicas"]
+        assert run["dtensor"] and run["loaded"]
+        assert run["layout"] == [("DTensor", (E // 2, D, F), (E // 2, D // 2, F)),
+                                 ("DTensor", (E // 2, F, D), (E // 2, F // 2, D))]
+        assert run["expert_bytes"] == 2 * E * D * F * 8 // 4  # w_up and w_down, float64, a quarter each
+        assert run["losses"] == pytest.approx(ref["losses"], abs=1e-10, rel=0)
+        assert run["norms"] == pytest.approx(ref["norms"], abs=1e-10, rel=0)
+    import torch.distributed.checkpoint as dcp
+
+    reference = ref["model"].state_dict()
+    from_dcp = _model(TRAIN, 4, seed=9).state_dict()
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load(from_dcp, checkpoint_id=str(Path(out_dir) / "dcp-replicas"), no_dist=True)
+    for name, t in from_dcp.items():
+        torch.testing.assert_close(t, reference[name], rtol=0, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")

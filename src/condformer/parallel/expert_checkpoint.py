@@ -76,7 +76,8 @@ def full_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def expert_views(model: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """{expert weight name: a function making a tensor of that weight's local (E/ep, ...) shape a DTensor view of
-    the global (E, ...) tensor} (``Shard(0)`` over ``ep``, replicated over the other mesh dimension).
+    the global (E, ...) tensor} (``Shard(0)`` over ``ep``; over the other mesh dimension replicated, or
+    ``Shard(1)`` where FSDP2 splits the experts over it: then the function takes FSDP's DTensor shards).
 
     For ``torch.distributed.checkpoint``: the weights and their AdamW moments given as such views are stored once
     with their global shapes, and loaded in place (the views share storage), whatever the ep size that saved them;
@@ -89,15 +90,19 @@ def expert_views(model: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.T
     out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for m, par in parallel_layers(model):
         mesh = par.mesh
-        placements = [Shard(0) if d == EP_DIM or mesh.ndim == 1 else Replicate()
+        # the other dimension: copies, or (FSDP2 over the replicas) each rank one block of dim 1
+        other = Shard(1) if par.fsdp_replicas else Replicate()
+        placements = [Shard(0) if d == EP_DIM or mesh.ndim == 1 else other
                       for d in (mesh.mesh_dim_names or (EP_DIM,))]
         for name in EXPERT_WEIGHTS:
             p = getattr(m.bank, name)
-            shape = torch.Size((par.n_experts, *p.shape[1:]))
+            shape = torch.Size((par.n_experts, *p.shape[1:]))  # an FSDP2 DTensor's shape is its (E/ep, ...) one
 
             def view(t: torch.Tensor, mesh: Any = mesh, placements: list = placements,
                      shape: torch.Size = shape) -> torch.Tensor:
-                return DTensor.from_local(t.detach(), mesh, placements, shape=shape, stride=_contiguous_stride(shape))
+                local = t.to_local() if isinstance(t, DTensor) else t  # FSDP2's shard of this rank's experts
+                return DTensor.from_local(local.detach(), mesh, placements, shape=shape,
+                                          stride=_contiguous_stride(shape))
 
             out[names[id(p)]] = view
     return out

@@ -137,8 +137,17 @@ class ExpertParallel:
         self.first = self.rank * self.n_local  # this rank's experts: [first, first + n_local)
         self.layer_index = layer_index
         self.timer: _Timer | None = None
+        # set by condformer.parallel.fsdp when FSDP2 shards this layer's experts over the replicate dimension:
+        # FSDP then reduces their gradients (sum over replicas / W) instead of the hooks and reduce_expert_grads
+        self.fsdp_replicas = False
+        self.grad_hooks: list[Any] = []  # the 1/W scaling hooks on the expert weights (removed under FSDP)
         self.last_sent = 0  # pairs this rank sent / received in the last forward (host integers, free to read)
         self.last_received = 0
+
+    @property
+    def replicas(self) -> int:
+        """How many ep groups hold this rank's experts (the size of the replicate dimension)."""
+        return 1 if self.replicate_group is None else dist.get_world_size(self.replicate_group)
 
     def __repr__(self) -> str:
         return (f"ExpertParallel(layer={self.layer_index}, experts {self.first}..{self.first + self.n_local - 1} "
@@ -212,7 +221,6 @@ class ExpertParallel:
         rank order, i.e. the global batch's token order.
         """
         R, L = self.size, self.n_local
-        counts_L = recv_RL.sum(dim=0)
         dest = None
         if R > 1 and L > 1:
             dest = _block_transpose(recv_RL, x_recv.shape[0])
@@ -220,12 +228,7 @@ class ExpertParallel:
             x_grp = gather_rows(x_recv, order, dest)
         else:  # one source or one expert: already grouped
             x_grp = x_recv
-        if bank.grouped_supported(x_grp):
-            out_grp = bank.grouped(x_grp, torch.cumsum(counts_L, 0).to(torch.int32))
-        else:  # fp32 on CUDA (grouped_mm wants bf16): a loop over the local experts on known slice sizes
-            sizes = [sum(recv_RL_host[r * L + e] for r in range(R)) for e in range(L)]
-            chunks = [bank.run(w, part) for w, part in zip(bank.each(x_grp), x_grp.split(sizes), strict=True)]
-            out_grp = torch.cat(chunks)
+        out_grp = bank.sized(x_grp, [sum(recv_RL_host[r * L + e] for r in range(R)) for e in range(L)])
         if dest is None:
             return out_grp
         return gather_rows(out_grp, dest, order)
@@ -289,6 +292,9 @@ def shard_experts(model: nn.Module, ep: int | DeviceMesh, optimizer: torch.optim
     shape to (E/ep, ...); an optimizer built before keeps working, and one whose state was loaded from a
     single-process checkpoint is sliced too when passed as ``optimizer``. The expert weights are also marked
     for DDP to ignore (they differ between ranks); gradient hooks scale them by 1/W (module docstring).
+
+    A model on the meta device (FSDP2's deferred initialisation, :mod:`condformer.parallel.meta_init`) only
+    changes shape here; its values arrive after sharding, from rank 0 (:func:`load_full_experts`).
     """
     mesh = ep if isinstance(ep, DeviceMesh) else expert_mesh(int(ep), _device_type(model))
     group, _ = _mesh_groups(mesh)
@@ -299,10 +305,11 @@ def shard_experts(model: nn.Module, ep: int | DeviceMesh, optimizer: torch.optim
             p = getattr(m.bank, name)
             with torch.no_grad():
                 full = p.detach().contiguous()
-                dist.broadcast(full, src=0)  # replicas and shards must come from one set of weights
+                if not full.is_meta:
+                    dist.broadcast(full, src=0)  # replicas and shards must come from one set of weights
                 p.data = full[par.first:par.first + par.n_local].clone()
             if p.requires_grad and par.data_parallel > 1:
-                p.register_hook(_scale(1.0 / par.data_parallel))
+                par.grad_hooks.append(p.register_hook(_scale(1.0 / par.data_parallel)))
         m.bank.n_experts = par.n_local
         m.expert_parallel = par
     from torch.nn.parallel import DistributedDataParallel
@@ -344,7 +351,7 @@ def reduce_expert_grads(model: nn.Module) -> None:
     DDP synchronises on), before clipping. The 1/W scale was already applied by the hooks.
     """
     for m, par in parallel_layers(model):
-        if par.replicate_group is None or dist.get_world_size(par.replicate_group) == 1:
+        if par.replicas == 1 or par.fsdp_replicas:  # one copy, or FSDP2 reduces them (over the replicas)
             continue
         for name in EXPERT_WEIGHTS:
             p = getattr(m.bank, name)

@@ -134,9 +134,53 @@ def _fp32_routers(model: Transformer, mesh: DeviceMesh, reshard_after_forward: b
                     register_fsdp_forward_method(module, "logits")
 
 
+def _shard_expert_replicas(model: Transformer, policy: MixedPrecisionPolicy, reshard_after_forward: bool,
+                           offload: OffloadPolicy) -> set[nn.Parameter]:
+    """FSDP2 over the replicate dimension for the experts of every expert-parallel layer; returns the expert
+    weights left for FSDP to ignore (those of layers whose ep group is the whole world: nothing to shard).
+
+    Under a (world / ep, ep) mesh the ranks of one ``ep_replicate`` group hold the same E/ep experts: each of
+    them keeps 1/(world/ep) of every expert weight instead of a copy (torchtitan's ``dp_shard_mod_ep``), and
+    the bank is all-gathered over that group around :meth:`StackedExperts.sized`, the one method expert
+    parallelism runs it through. The split is on dim 1 (d_model of ``w_up``, d_expert of ``w_down``), not dim
+    0: the dims stay orthogonal to the ep split on experts, so each rank's piece is one block of the global
+    (E, ...) tensor (what :func:`condformer.parallel.expert_checkpoint.expert_views` describes to DCP), and a
+    layer with fewer local experts than replicas still splits evenly. Gradients: the all-to-all's backward
+    sums over the ep group, FSDP's reduce-scatter over the replicas, and the divide factor W turns the sum
+    over all ranks into the mean over their losses that DDP/FSDP give every other weight; the 1/W hooks
+    :func:`shard_experts` installed are removed (they would be on the replaced parameters anyway).
+    """
+    from torch.distributed.tensor import Shard
+
+    from condformer.parallel.expert_parallel import EXPERT_WEIGHTS, REPLICATE_DIM, parallel_layers
+
+    plain: set[nn.Parameter] = set()
+    for m, par in parallel_layers(model):
+        weights = [getattr(m.bank, name) for name in EXPERT_WEIGHTS]
+        if par.replicas == 1:
+            plain.update(weights)
+            continue
+        for name, p in zip(EXPERT_WEIGHTS, weights, strict=True):
+            if p.shape[1] % par.replicas:
+                raise ConfigError(f"FSDP splits layer {m.layer_index}'s experts over the {par.replicas} ep groups "
+                                  f"that hold them, along dim 1 of {name} ({p.shape[1]}), which {par.replicas} does "
+                                  f"not divide; choose an --expert-parallel for which it does")
+        for handle in par.grad_hooks:
+            handle.remove()
+        par.grad_hooks.clear()
+        fully_shard(m.bank, mesh=par.mesh[REPLICATE_DIM], reshard_after_forward=reshard_after_forward,
+                    shard_placement_fn=lambda _p: Shard(1), mp_policy=policy, offload_policy=offload)
+        register_fsdp_forward_method(m.bank, "sized")
+        m.bank.set_gradient_divide_factor(float(par.data_parallel))
+        if dist.get_backend(par.replicate_group) == "gloo":  # gloo has no PREMUL_SUM: a sum, then the division
+            m.bank.set_force_sum_reduction_for_comms(True)
+        par.fsdp_replicas = True
+    return plain
+
+
 def shard_model(model: Transformer, *, mesh: DeviceMesh | None = None, precision: str = "auto",
                 offload: bool = False, reshard_after_forward: bool = True,
-                ignored: set[nn.Parameter] | None = None) -> Transformer:
+                ignored: set[nn.Parameter] | None = None, device: torch.device | str | None = None) -> Transformer:
     """Shard ``model`` in place with FSDP2 over ``mesh`` (default: every rank of the default process group).
 
     One group per layer and one for the root (embedding, tied head, final norm, exits, AltUp); under a bf16
@@ -148,12 +192,21 @@ def shard_model(model: Transformer, *, mesh: DeviceMesh | None = None, precision
     backward starts with the head). 0-dim parameters, which FSDP2 refuses, stay replicated (see
     :func:`_replicate_scalars`).
 
-    ``ignored``: parameters FSDP leaves alone because another scheme shards them already (expert parallelism's
-    expert weights, :mod:`condformer.parallel.expert_parallel`, which also reduces their gradients).
+    Expert-parallel layers (:func:`condformer.parallel.expert_parallel.shard_experts`, applied before this)
+    keep their experts out of their layer's group: where several ep groups hold the same experts, a group of
+    their own shards them over those groups (:func:`_shard_expert_replicas`); where one does, they are left
+    alone. ``ignored``: further parameters FSDP leaves alone because another scheme handles them.
+
+    ``device``: where the shards live; by default the model's. A model on the meta device (built under
+    ``torch.device("meta")``) is sharded without memory and materialised after:
+    :func:`condformer.parallel.meta_init.materialize`.
 
     Build the optimiser *after* this call: sharding replaces every parameter by a DTensor.
     """
-    device = _device_of(model)
+    device = torch.device(device) if device is not None else _device_of(model)
+    if device.type == "meta":
+        raise ConfigError("the model is on the meta device: pass shard_model the device its shards will live on "
+                          "(device=...)")
     policy = mixed_precision(precision, device)
     if offload and device.type != "cuda":
         raise ConfigError(f"FSDP offload keeps parameters and optimiser state in CPU memory instead of the GPU's; "
@@ -173,7 +226,7 @@ def shard_model(model: Transformer, *, mesh: DeviceMesh | None = None, precision
     if policy.param_dtype is not None and policy.param_dtype != torch.float32:
         _fp32_routers(model, mesh, reshard_after_forward, off)
     scalars = _replicate_scalars(model, mesh)
-    ignored = set(ignored or ())
+    ignored = set(ignored or ()) | _shard_expert_replicas(model, policy, reshard_after_forward, off)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
                     offload_policy=off, ignored_params=scalars | (ignored & set(layer.parameters())))

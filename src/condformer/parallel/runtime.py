@@ -128,15 +128,14 @@ class Layout:
                    ck: Checkpoint | None, sharded_ck: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
         from condformer.parallel import fsdp, sharded_checkpoint
 
-        ignored: set[nn.Parameter] = set()
         if self.ep > 1:
-            from condformer.parallel.expert_parallel import expert_parameters, shard_experts
+            from condformer.parallel.expert_parallel import shard_experts
 
             shard_experts(raw_model, self.ep)
-            ignored = set(expert_parameters(raw_model))
-        # FSDP's parameter dtype follows --dtype: auto is bf16 (fp32 reduction) on CUDA and fp32 on the CPU
+        # FSDP's parameter dtype follows --dtype: auto is bf16 (fp32 reduction) on CUDA and fp32 on the CPU; the
+        # experts go to groups of their own, over the ep groups holding the same ones
         fsdp.shard_model(raw_model, precision=self.cfg.dtype, offload=self.cfg.fsdp_offload,
-                         reshard_after_forward=self.cfg.fsdp_reshard_after_forward, ignored=ignored)
+                         reshard_after_forward=self.cfg.fsdp_reshard_after_forward)
         optimizer = make_optimizer(raw_model)
         if self.ep > 1:
             from condformer.parallel.expert_parallel import split_expert_groups

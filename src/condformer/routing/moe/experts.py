@@ -148,6 +148,20 @@ class StackedExperts(nn.Module):
         h = _grouped_mm(x_PD, up, offs_E)
         return _grouped_mm(self._act(h), down, offs_E)
 
+    def sized(self, x_PD: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Rows grouped by expert in blocks of known (host) ``sizes``, exactly ``sum(sizes)`` rows: the grouped
+        kernel where it runs, else one matmul pair per expert on its slice.
+
+        One method for both, so that a wrapper gathering the weights around a call (FSDP2's
+        ``register_fsdp_forward_method``, which expert parallelism's replicas use) sees the whole computation:
+        :meth:`each` hands out weights that would be freed before :meth:`run` reads them.
+        """
+        if self.grouped_supported(x_PD):
+            offs = torch.tensor(sizes, device=x_PD.device).cumsum(0).to(torch.int32)
+            return self.grouped(x_PD, offs)
+        chunks = [self.run(w, part) for w, part in zip(self.each(x_PD), x_PD.split(sizes), strict=True)]
+        return torch.cat(chunks)
+
     def batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """C slots per expert: ``x_ECD[e]`` goes through expert e (on CPU: the fused kernel, E equal groups)."""
         up, down = self._weights(x_ECD)

@@ -43,7 +43,6 @@ from condformer.checkpoint import (
     Checkpoint,
     check_run_dir,
     check_weights_fit,
-    load_weights,
     read_checkpoint,
     resolve_checkpoint,
     run_lock,
@@ -55,7 +54,7 @@ from condformer.data import TokenData, prepare_data, tokenizer_from_dict
 from condformer.errors import ConfigError, DataError, TrainingError
 from condformer.flops import count_flops
 from condformer.learning_rates import with_default_lr
-from condformer.model import IGNORE_INDEX, Transformer, build_model
+from condformer.model import IGNORE_INDEX, Transformer
 from condformer.optim import before_optimizer_step, lr_at, make_optimizer, set_lr
 from condformer.parallel.runtime import Layout
 from condformer.parallel.sharded_checkpoint import is_sharded
@@ -488,7 +487,11 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         check_weights_fit(ck or init, model_cfg)  # before allocating: a config asking for a huge model is refused
 
     torch.manual_seed(cfg.seed)
-    raw_model: Transformer = build_model(model_cfg).to(device)
+    sharded_resume = ck is not None and is_sharded(ck.path)  # a sharded checkpoint loads into the shards (wrap)
+    # fine-tuning: the source run's weights (a fresh optimizer and schedule); a resume: the checkpoint's. Under
+    # FSDP the model is only a structure here, and rank 0 alone holds the values until wrap() shards them
+    raw_model: Transformer = layout.build(model_cfg, init or (None if sharded_resume else ck),
+                                          sharded_resume=sharded_resume)
     # the parameters a conversion added (``condformer convert``): role ``new`` and their own rate (lr_new)
     new_params = frozenset((ck or init).state.get("new_parameters", ()) if (ck or init) is not None else ())
     n_trained, n_params = apply_trainable(raw_model, cfg.trainable, new_params)
@@ -496,13 +499,7 @@ def _run(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, device: str, rank:
         print(f"condformer: training {n_trained:,} of {n_params:,} parameters ({', '.join(cfg.trainable)}); the rest "
               f"are frozen", file=sys.stderr, flush=True)
     start_step = 0
-    if init is not None:  # fine-tuning: the source run's weights, a fresh optimizer and schedule
-        load_weights(init, raw_model)
-        raw_model.to(device)
     if ck is not None:
-        if not is_sharded(ck.path):  # full weights before any sharding; a sharded checkpoint loads into the shards
-            load_weights(ck, raw_model)
-            raw_model.to(device)
         layout.restore_rng(ck)
         start_step = ck.state["step"]
     n_params = raw_model.num_params(non_embedding=False)  # before expert parallelism keeps a slice per rank

@@ -147,6 +147,30 @@ def test_a_sharded_run_resumes_on_another_number_of_ranks(setup: dict, ranks: in
     _same_run(result, run, ref, ref_run)
 
 
+def test_a_single_process_run_resumes_and_fine_tunes_under_fsdp(setup: dict) -> None:
+    """FSDP builds the model as a meta-device structure on every rank, and rank 0 alone reads a single-file
+    checkpoint's weights and hands out the shards: a one-process run cut back to step 3 and resumed on 2 FSDP ranks
+    equals the uninterrupted run; ``--init-from`` it under FSDP equals the same fine-tuning in one process."""
+    ref, ref_run = _reference(setup, "moe")
+    run = setup["root"] / "single-resumed-under-fsdp"
+    _cut_back_to_step_3(ref_run, run)
+    result = _cli(["train", "--out", str(run), "--no-progress", "--json", "--resume", "--parallel", "fsdp"],
+                  setup["env"], 2)
+    _same_run(result, run, ref, ref_run)
+    tuned = {}
+    for ranks, flags in ((None, []), (2, ["--parallel", "fsdp"])):
+        out = setup["root"] / f"fine-tuned-{ranks or 1}"
+        args = ["train", "--init-from", str(ref_run), "--data", str(setup["corpus"]), "--seq-len", "32",
+                "--max-steps", "2", "--eval-every", "2", "--no-progress", "--json", "--lr", "1e-3",
+                "--batch-size", str(GLOBAL_BATCH // (ranks or 1)), "--out", str(out), *flags]
+        tuned[ranks] = (_cli(args, setup["env"], ranks), out)
+    (one, one_run), (two, two_run) = tuned[None], tuned[2]
+    _same_run(two, two_run, one, one_run)
+    first = [r["loss"] for r in _log(one_run) if "loss" in r][0]
+    fresh_first = [r["loss"] for r in _log(ref_run) if "loss" in r][0]
+    assert first < fresh_first - 0.1  # it started from the source run's trained weights, not an initialisation
+
+
 def test_consolidate_makes_a_single_file(setup: dict) -> None:
     run = setup["root"] / "fsdp-dense"
     if not run.exists():

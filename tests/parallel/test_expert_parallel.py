@@ -184,6 +184,7 @@ def _dispatch_cases(rank: int, world: int) -> dict:
         y = par.dispatch(xr, expert_all[rows], gate_all[rows], ffn.bank)
         sent = par.last_sent
         (y * torch.linspace(-1, 1, 32, dtype=F64)).sum().backward()
+        EP.reduce_expert_grads(model)
         grads = {n: EP.gather_shards(par, getattr(ffn.bank, n).grad) for n in EP.EXPERT_WEIGHTS}
         out[name] = {"y": y.detach(), "x_grad": xr.grad, "sent": sent, "received": par.last_received,
                      "expected_sent": int((expert_all[rows] < E).sum()), "grads": grads}
@@ -307,7 +308,7 @@ def test_dispatch_sends_only_real_pairs(world_results) -> None:
             torch.testing.assert_close(got["y"], y.detach()[rows], **TOL)
             torch.testing.assert_close(got["x_grad"], x.grad[rows], **TOL)
             for w in EP.EXPERT_WEIGHTS:
-                # the hooks scale expert gradients by 1/W (DDP's average over ranks)
+                # reduce_expert_grads scales expert gradients by 1/W (DDP's average over ranks)
                 torch.testing.assert_close(got["grads"][w], getattr(bank, w).grad / world, **TOL)
         received = [r["dispatch"][name]["received"] for r in results]
         assert sum(received) == sum(r["dispatch"][name]["sent"] for r in results)

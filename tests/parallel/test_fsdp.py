@@ -44,6 +44,7 @@ from condformer.parallel.fsdp import (
     shard_model,
     shard_sizes,
 )
+from condformer.parallel.meta_init import build_on_meta, materialize
 from helpers import perturb_
 
 B, T, STEPS, VOCAB = 2, 16, 3, 64
@@ -123,6 +124,12 @@ def _fsdp_trajectories(rank: int, world: int, inputs: dict[str, tuple]) -> dict[
         model = shard_model(fresh(case_cfg(name), state))
         result = train_steps(model, make_optimizer(model, TRAIN), rows(x, rank), rows(y, rank))
         out[name] = {**result, "buffers": buffers(model), "full": full_model_state(model)}
+        # deferred initialisation: a meta structure on every rank, the values on rank 0 only
+        meta = build_on_meta(case_cfg(name)).double()
+        shard_model(meta, device="cpu")
+        materialize(meta, "cpu", fresh(case_cfg(name), state) if rank == 0 else None)
+        result = train_steps(meta, make_optimizer(meta, TRAIN), rows(x, rank), rows(y, rank))
+        out[name]["meta"] = {**result, "buffers": buffers(meta), "full": full_model_state(meta)}
     return out
 
 
@@ -162,6 +169,21 @@ def test_fsdp_follows_single_process_trajectory(trajectories: tuple[int, dict], 
     _close(full, state)
     moved = [k for k, v in ref["initial"].items() if v.is_floating_point() and not torch.equal(v, state[k])]
     assert len(moved) > len(state) // 2  # the steps did train
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_model_built_on_meta_and_filled_from_rank_0_follows_the_same_trajectory(
+        trajectories: tuple[int, dict], name: str) -> None:
+    """No rank holds the whole model on its device: every rank shards a meta-device structure, rank 0 alone holds
+    an unsharded copy, and ``materialize`` fills the shards (unsaved buffers recomputed): the same training."""
+    _, by_case = trajectories
+    ranks, ref = by_case[name]
+    for got in ranks:
+        meta = got["meta"]
+        _close(meta["loss"], ref["loss"])
+        _close(meta["norm"], ref["norm"])
+        _close(meta["buffers"], ref["buffers"])  # rotary frequencies and exit weights included
+    _close(ranks[0]["meta"]["full"], ref["state"])
 
 
 # -- consolidated state and checkpoints ----------------------------------------------------------------

@@ -65,7 +65,7 @@ class EarlyExit(nn.Module):
         self.exit_of_layer = {layer: k for k, layer in enumerate(self.exit_layers)}
         n_exits = len(self.exit_layers)
         width = cfg.head_in_dim  # every exit reads the residual stream's readout, as the final head does
-        self.register_buffer("depths", torch.tensor([layer + 1 for layer in self.exit_layers]), persistent=False)
+        self.register_buffer("depths", self._depths(), persistent=False)
         self.norms = nn.ModuleList(make_norm(cfg.norm, width, cfg.norm_eps) for _ in range(n_exits - 1))
         self.heads: nn.ModuleList | None = None
         if e.head == "separate":
@@ -73,17 +73,31 @@ class EarlyExit(nn.Module):
             for head in self.heads:
                 nn.init.normal_(head.weight, std=cfg.init_std)
         self.halting = Halting(cfg, e.halting, n_exits) if e.halting != "none" else None
-        if isinstance(e.weights, str):
-            w = [1.0] * n_exits if e.weights == "uniform" else [float(layer + 1) for layer in self.exit_layers]
-        else:
-            w = [float(x) for x in e.weights]
         # unnormalised: normalised in the loss's own dtype (a float64 model gets a float64 objective)
-        self.register_buffer("weights", torch.tensor(w, dtype=torch.float64), persistent=False)
+        self.register_buffer("weights", self._weights(), persistent=False)
         # the inference policy; ``set_thresholds`` overrides the config's thresholds at run time
         self.thresholds: list[float | None] | None = (
             None if e.thresholds is None else [None if t is None else float(t) for t in e.thresholds])
         # the curriculum's clock: registered only with a curriculum, so older checkpoints keep their key set
         self.clock = StepCounter() if e.curriculum != "none" else None
+
+    def _depths(self) -> torch.Tensor:
+        """Each exit's depth in layers (its layer index + 1)."""
+        return torch.tensor([layer + 1 for layer in self.exit_layers])
+
+    def _weights(self) -> torch.Tensor:
+        """Each exit's loss weight, unnormalised, in float64."""
+        w = self.spec.weights
+        if isinstance(w, str):
+            w = [1.0] * len(self.exit_layers) if w == "uniform" else [float(layer + 1) for layer in self.exit_layers]
+        return torch.tensor([float(x) for x in w], dtype=torch.float64)
+
+    def reset_buffers(self) -> None:
+        """Recompute the depths and weights in place (after a build on the meta device allocated them empty:
+        :mod:`condformer.parallel.meta_init`)."""
+        with torch.no_grad():
+            self.depths.copy_(self._depths())
+            self.weights.copy_(self._weights())
 
     def training_exits(self) -> list[int]:
         """The exits aligned training computes at this step (LayerSkip's curricula): always the last one.

@@ -45,6 +45,12 @@ class Rotary(nn.Module):
         self.head_dim, self.base, self.scaling = head_dim, base, scaling
         self.register_buffer("inv_freq", inv_frequencies(head_dim, base, scaling).float(), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies in place (a model built on the meta device and then allocated has none:
+        :mod:`condformer.parallel.meta_init`)."""
+        with torch.no_grad():
+            self.inv_freq.copy_(inv_frequencies(self.head_dim, self.base, self.scaling).float())
+
     def cos_sin(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of every position's angles, (B, 1, T, d/2) in ``dtype``."""
         inv_freq = self.inv_freq

@@ -22,11 +22,13 @@ Host sync: the split sizes of an all-to-all are host integers (``torch.distribut
 so each layer and forward reads one small tensor (R + E integers) after the all-to-all of the counts. That
 is the price of dropless EP without padding to a worst case; the backward pass reuses the sizes.
 
-Gradients (the trainer's part, see :func:`shard_experts`): each rank's loss is the mean over its own rows
-and DDP/FSDP *average* replicated gradients over the W data-parallel ranks. An expert's gradient arrives
-by the backward all-to-all already *summed* over the ranks whose tokens it served, so a hook scales it by
-1/W when it is accumulated; where the same experts live in several ep groups (W > ep), the copies are
-summed by :func:`reduce_expert_grads`. The grad norm must count every shard once: :func:`clip_grad_norm_`.
+Gradients (the trainer's part): each rank's loss is the mean over its own rows and DDP/FSDP *average*
+replicated gradients over the W data-parallel ranks. An expert's gradient arrives by the backward all-to-all
+already *summed* over the ranks whose tokens it served, so :func:`reduce_expert_grads` (after the last
+backward of a step) scales it by 1/W and, where the same experts live in several ep groups (W > ep), sums the
+copies; under FSDP2 the experts' own groups do both (:mod:`condformer.parallel.fsdp`). No tensor hooks: a
+model built on the meta device gets new parameter objects when it is allocated, which would drop them.
+The grad norm must count every shard once: :func:`clip_grad_norm_`.
 Checkpoints in the single-process layout: :mod:`condformer.parallel.expert_checkpoint`.
 """
 
@@ -138,9 +140,8 @@ class ExpertParallel:
         self.layer_index = layer_index
         self.timer: _Timer | None = None
         # set by condformer.parallel.fsdp when FSDP2 shards this layer's experts over the replicate dimension:
-        # FSDP then reduces their gradients (sum over replicas / W) instead of the hooks and reduce_expert_grads
+        # FSDP then reduces their gradients (sum over replicas / W) instead of reduce_expert_grads
         self.fsdp_replicas = False
-        self.grad_hooks: list[Any] = []  # the 1/W scaling hooks on the expert weights (removed under FSDP)
         self.last_sent = 0  # pairs this rank sent / received in the last forward (host integers, free to read)
         self.last_received = 0
 
@@ -283,7 +284,8 @@ def _check(model: nn.Module, size: int, world: int) -> list[MoEFFN]:
     return layers
 
 
-def shard_experts(model: nn.Module, ep: int | DeviceMesh, optimizer: torch.optim.Optimizer | None = None) -> int:
+def shard_experts(model: nn.Module, ep: int | DeviceMesh, optimizer: torch.optim.Optimizer | None = None, *,
+                  device: torch.device | str | None = None) -> int:
     """Keep only this rank's experts in every MoE layer and attach an :class:`ExpertParallel`; returns the count.
 
     ``ep``: the ep size (a (world/ep, ep) mesh is built with :func:`expert_mesh`) or a mesh with an ``ep``
@@ -291,12 +293,17 @@ def shard_experts(model: nn.Module, ep: int | DeviceMesh, optimizer: torch.optim
     DDP does for its own). The parameters keep their objects and names (``...ffn.bank.w_up``) and change
     shape to (E/ep, ...); an optimizer built before keeps working, and one whose state was loaded from a
     single-process checkpoint is sliced too when passed as ``optimizer``. The expert weights are also marked
-    for DDP to ignore (they differ between ranks); gradient hooks scale them by 1/W (module docstring).
+    for DDP to ignore (they differ between ranks); :func:`reduce_expert_grads` must follow each step's backward.
 
     A model on the meta device (FSDP2's deferred initialisation, :mod:`condformer.parallel.meta_init`) only
-    changes shape here; its values arrive after sharding, from rank 0 (:func:`load_full_experts`).
+    changes shape here (pass the ``device`` it will live on, for the mesh); its values arrive after sharding,
+    from rank 0 (:func:`condformer.parallel.meta_init.materialize`).
     """
-    mesh = ep if isinstance(ep, DeviceMesh) else expert_mesh(int(ep), _device_type(model))
+    device_type = torch.device(device).type if device is not None else _device_type(model)
+    if device_type == "meta":
+        raise ConfigError("the model is on the meta device: pass shard_experts the device it will live on "
+                          "(device=...)")
+    mesh = ep if isinstance(ep, DeviceMesh) else expert_mesh(int(ep), device_type)
     group, _ = _mesh_groups(mesh)
     layers = _check(model, dist.get_world_size(group), mesh.size())
     for m in layers:
@@ -308,8 +315,6 @@ def shard_experts(model: nn.Module, ep: int | DeviceMesh, optimizer: torch.optim
                 if not full.is_meta:
                     dist.broadcast(full, src=0)  # replicas and shards must come from one set of weights
                 p.data = full[par.first:par.first + par.n_local].clone()
-            if p.requires_grad and par.data_parallel > 1:
-                par.grad_hooks.append(p.register_hook(_scale(1.0 / par.data_parallel)))
         m.bank.n_experts = par.n_local
         m.expert_parallel = par
     from torch.nn.parallel import DistributedDataParallel
@@ -318,13 +323,6 @@ def shard_experts(model: nn.Module, ep: int | DeviceMesh, optimizer: torch.optim
     if optimizer is not None:
         shard_optimizer_state(model, optimizer)
     return len(layers)
-
-
-def _scale(factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    def hook(g: torch.Tensor) -> torch.Tensor:
-        return g * factor
-
-    return hook
 
 
 def _device_type(model: nn.Module) -> str:
@@ -345,19 +343,26 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 # -- gradients ------------------------------------------------------------------------------------------------
 def reduce_expert_grads(model: nn.Module) -> None:
-    """Sum expert gradients over the ep groups that hold the same experts (a no-op when world == ep).
+    """Expert gradients as DDP leaves every other one: the mean over the W ranks' losses.
 
-    Call once per optimiser step after the last backward (with gradient accumulation: after the micro-batch
-    DDP synchronises on), before clipping. The 1/W scale was already applied by the hooks.
+    Each is scaled by 1/W and summed over the ep groups holding the same experts (when world > ep). Call once
+    per optimiser step after the last backward (with gradient accumulation: after the micro-batch DDP
+    synchronises on), before clipping. Layers whose experts FSDP2 shards over those groups are left to it.
     """
     for m, par in parallel_layers(model):
-        if par.replicas == 1 or par.fsdp_replicas:  # one copy, or FSDP2 reduces them (over the replicas)
+        if par.fsdp_replicas:
             continue
         for name in EXPERT_WEIGHTS:
             p = getattr(m.bank, name)
-            if p.requires_grad:
-                if p.grad is None:  # every replica must join the collective, even one whose copy got no gradient
-                    p.grad = torch.zeros_like(p)
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                if par.replicas == 1:
+                    continue
+                p.grad = torch.zeros_like(p)  # every replica must join the collective, even one with no gradient
+            if par.data_parallel > 1:
+                p.grad.div_(par.data_parallel)
+            if par.replicas > 1:
                 dist.all_reduce(p.grad, group=par.replicate_group)
 
 

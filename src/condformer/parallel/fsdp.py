@@ -147,8 +147,8 @@ def _shard_expert_replicas(model: Transformer, policy: MixedPrecisionPolicy, res
     (E, ...) tensor (what :func:`condformer.parallel.expert_checkpoint.expert_views` describes to DCP), and a
     layer with fewer local experts than replicas still splits evenly. Gradients: the all-to-all's backward
     sums over the ep group, FSDP's reduce-scatter over the replicas, and the divide factor W turns the sum
-    over all ranks into the mean over their losses that DDP/FSDP give every other weight; the 1/W hooks
-    :func:`shard_experts` installed are removed (they would be on the replaced parameters anyway).
+    over all ranks into the mean over their losses that DDP/FSDP give every other weight (what
+    :func:`~condformer.parallel.expert_parallel.reduce_expert_grads` does for experts outside FSDP).
     """
     from torch.distributed.tensor import Shard
 
@@ -165,9 +165,6 @@ def _shard_expert_replicas(model: Transformer, policy: MixedPrecisionPolicy, res
                 raise ConfigError(f"FSDP splits layer {m.layer_index}'s experts over the {par.replicas} ep groups "
                                   f"that hold them, along dim 1 of {name} ({p.shape[1]}), which {par.replicas} does "
                                   f"not divide; choose an --expert-parallel for which it does")
-        for handle in par.grad_hooks:
-            handle.remove()
-        par.grad_hooks.clear()
         fully_shard(m.bank, mesh=par.mesh[REPLICATE_DIM], reshard_after_forward=reshard_after_forward,
                     shard_placement_fn=lambda _p: Shard(1), mp_policy=policy, offload_policy=offload)
         register_fsdp_forward_method(m.bank, "sized")
@@ -225,7 +222,7 @@ def shard_model(model: Transformer, *, mesh: DeviceMesh | None = None, precision
     off = CPUOffloadPolicy() if offload else OffloadPolicy()
     if policy.param_dtype is not None and policy.param_dtype != torch.float32:
         _fp32_routers(model, mesh, reshard_after_forward, off)
-    scalars = _replicate_scalars(model, mesh)
+    scalars = _replicate_scalars(model, mesh, device)
     ignored = set(ignored or ()) | _shard_expert_replicas(model, policy, reshard_after_forward, off)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
@@ -235,10 +232,22 @@ def shard_model(model: Transformer, *, mesh: DeviceMesh | None = None, precision
     return model
 
 
-def _replicate_scalars(model: nn.Module, mesh: DeviceMesh) -> set[nn.Parameter]:
+def _replicate_scalars(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> set[nn.Parameter]:
     """0-dim parameters (the shaped blocks' beta_sa, beta_ff), which FSDP2 cannot shard: kept whole on every
     rank, outside FSDP, with their gradients averaged over the mesh as soon as they are accumulated (what
-    FSDP's reduce-scatter does for the others). They cost a few bytes and one tiny all-reduce each."""
+    FSDP's reduce-scatter does for the others). They cost a few bytes and one tiny all-reduce each.
+
+    On a meta-device model they are allocated here, before their hooks: allocating a meta parameter later
+    (``to_empty``) makes a new parameter object, which would not carry the hook.
+    """
+    real: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.dim() == 0 and p.is_meta:
+                if id(p) not in real:
+                    real[id(p)] = nn.Parameter(torch.empty((), dtype=p.dtype, device=device),
+                                               requires_grad=p.requires_grad)
+                setattr(module, name, real[id(p)])
     scalars = {p for p in model.parameters() if p.dim() == 0}
     for p in scalars:
         if p.requires_grad:

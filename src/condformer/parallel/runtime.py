@@ -31,11 +31,13 @@ from condformer.checkpoint import (
     Checkpoint,
     load_optimizer,
     load_rng_state,
+    load_weights,
     read_optimizer_state,
     save_checkpoint,
 )
 from condformer.config import ModelConfig, TrainConfig
 from condformer.errors import ConfigError
+from condformer.model import build_model
 from condformer.parallel.activation_checkpoint import apply_activation_checkpointing
 
 
@@ -47,6 +49,8 @@ class Layout:
     rank: int
     world: int
     device: str
+    # FSDP's deferred initialisation: rank 0's unsharded CPU model, from build() until wrap() has used it
+    _source: nn.Module | None = None
 
     @property
     def fsdp(self) -> bool:
@@ -92,6 +96,36 @@ class Layout:
                               "sizes on the host, a graph break per layer); drop one of them")
 
     # -- building ---------------------------------------------------------------------------------------
+    def build(self, model_cfg: ModelConfig, weights: Checkpoint | None = None, *,
+              sharded_resume: bool = False) -> nn.Module:
+        """The model this rank starts from, seeded by the caller; ``weights``: a single-file checkpoint to load.
+
+        DDP and one process: the whole model on the device, on every rank. FSDP: its structure on the meta
+        device, and on rank 0 alone an unsharded CPU copy holding the values (initialisation, then ``weights``),
+        which :meth:`wrap` hands out shard by shard (:mod:`~condformer.parallel.meta_init`); with
+        ``sharded_resume`` (a sharded checkpoint fills the shards) there is no copy at all. Every rank leaves
+        with rank 0's random-generator state, as if each had built the model itself.
+        """
+        if not self.fsdp:
+            model = build_model(model_cfg)
+            if weights is not None:
+                load_weights(weights, model)
+            return model.to(self.device)
+        from condformer.parallel.meta_init import build_on_meta
+
+        model = build_on_meta(model_cfg)
+        if sharded_resume:
+            return model
+        if self.rank == 0:
+            self._source = build_model(model_cfg)
+            if weights is not None:
+                load_weights(weights, self._source)
+        if self.world > 1:
+            rng = torch.get_rng_state().to(self.device)
+            torch.distributed.broadcast(rng, src=0)
+            torch.set_rng_state(rng.cpu())
+        return model
+
     def wrap(self, raw_model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
              ck: Checkpoint | None) -> tuple[nn.Module, torch.optim.Optimizer]:
         """(the model to call, its optimizer) with ``ck``'s optimizer state (and sharded weights) loaded.
@@ -131,11 +165,19 @@ class Layout:
         if self.ep > 1:
             from condformer.parallel.expert_parallel import shard_experts
 
-            shard_experts(raw_model, self.ep)
+            shard_experts(raw_model, self.ep, device=self.device)
         # FSDP's parameter dtype follows --dtype: auto is bf16 (fp32 reduction) on CUDA and fp32 on the CPU; the
         # experts go to groups of their own, over the ep groups holding the same ones
         fsdp.shard_model(raw_model, precision=self.cfg.dtype, offload=self.cfg.fsdp_offload,
-                         reshard_after_forward=self.cfg.fsdp_reshard_after_forward)
+                         reshard_after_forward=self.cfg.fsdp_reshard_after_forward, device=self.device)
+        from condformer.parallel.meta_init import is_meta, materialize
+
+        if is_meta(raw_model):  # built by build(): shards allocated here, filled from rank 0 or the checkpoint
+            if not sharded_ck and self.rank == 0 and self._source is None:
+                raise ConfigError("the model is on the meta device but rank 0 holds no source for its values; "
+                                  "build it with Layout.build")
+            materialize(raw_model, self.device, self._source, from_source=not sharded_ck)
+            self._source = None
         optimizer = make_optimizer(raw_model)
         if self.ep > 1:
             from condformer.parallel.expert_parallel import split_expert_groups

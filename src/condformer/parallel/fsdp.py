@@ -20,11 +20,15 @@ one per applied step.
 
 Use in a training script (torchrun, one process per GPU, ``torch.cuda.set_device(local_rank)`` first)::
 
-    model = shard_model(build_model(cfg).to(device), precision="auto")   # then the optimiser
-    optimizer = make_optimizer(model, train_cfg)
+    model = shard_model(build_on_meta(cfg), device=device)               # no rank allocates the whole model
+    materialize(model, device, build_model(cfg) if rank == 0 else None)  # rank 0's values, shard by shard
+    optimizer = make_optimizer(model, train_cfg)                         # on the final (DTensor) parameters
     ...  loss.backward(); norm = clip_grad_norm(params, max_norm); before_optimizer_step(model); optimizer.step()
     full, full_opt = consolidate(model, optimizer)                       # every rank; rank 0 gets them
     if rank == 0: save_checkpoint(run, step, full, full_opt, ...)
+
+(``build_on_meta`` and ``materialize``: :mod:`condformer.parallel.meta_init`; ``shard_model(build_model(cfg)
+.to(device))`` also works, but then every rank holds one full copy before sharding.)
 
 Layers are walked through their ``__call__`` (the stream calls ``layer(x, ctx)``), which is what fires FSDP's
 pre-forward all-gather; anything that reads a sharded module's weights outside its ``forward`` must be

@@ -1,16 +1,19 @@
 """How one training run is spread over its ranks: the single object the trainer asks, so ``train.py`` stays one loop.
 
-The trainer builds the model (the same on every rank: same seed), loads full weights when it has them, then hands
-it here. :meth:`Layout.wrap` applies, in the one order that works:
+The trainer asks :meth:`Layout.build` for the model (the same on every rank: same seed; under FSDP only a meta-device
+structure, with the values on rank 0 alone), then hands it to :meth:`Layout.wrap`, which applies, in the one order
+that works:
 
 1. activation checkpointing (a flag the layer loop reads: :mod:`~condformer.parallel.activation_checkpoint`);
-2. expert parallelism (each rank keeps its slice of every MoE layer's experts: it needs the full weights, so
-   before FSDP; :mod:`~condformer.parallel.expert_parallel`);
-3. FSDP2 over every rank, experts left out (they are sharded already; :mod:`~condformer.parallel.fsdp`), or DDP;
+2. expert parallelism (each rank keeps its slice of every MoE layer's experts; before FSDP, which must know which
+   weights are experts; :mod:`~condformer.parallel.expert_parallel`);
+3. FSDP2 over every rank, experts in groups of their own over the ranks holding the same ones
+   (:mod:`~condformer.parallel.fsdp`), then the shards allocated and filled (:mod:`~condformer.parallel.meta_init`),
+   or DDP;
 4. the optimizer, built on the final parameters (FSDP replaces them by DTensors), then its saved state.
 
 During a step it says how to hold gradient synchronisation during accumulation, what to do after the last
-backward (expert gradients summed over expert replicas), and how to clip (a norm over sharded gradients). For
+backward (expert gradients scaled and summed over expert replicas), and how to clip (a norm over sharded gradients). For
 checkpoints it chooses the format: ``full`` (one safetensors file, what a single process writes, gathered on
 rank 0) or ``sharded`` (every rank writes its shards with ``torch.distributed.checkpoint``: the only way for a
 model that does not fit on one rank); either resumes on any number of ranks, and ``auto`` is sharded under FSDP.

@@ -66,9 +66,9 @@ def test_inference_knobs_are_asked_of_components():
     mod = LayerSpec(router="mod", options={"capacity": 0.5, "causal_router": "predictor"})
     model = build_model(_cfg(layers=[LayerSpec(), mod],
                              exits=ExitConfig(layers=[1], thresholds=[0.5])))
-    assert model.inference_settings() == {"routing": "causal", "exit_thresholds": [0.5]}
-    model.set_inference(routing="topk", exit_thresholds=0.9)
-    assert model.inference_settings() == {"routing": "topk", "exit_thresholds": [0.9]}
+    assert model.inference_settings() == {"routing": "causal", "mod_threshold": 0.0, "exit_thresholds": [0.5]}
+    model.set_inference(routing="topk", exit_thresholds=0.9, mod_threshold=0.25)
+    assert model.inference_settings() == {"routing": "topk", "mod_threshold": 0.25, "exit_thresholds": [0.9]}
     assert all(m.eval_routing == "topk" for m in model.layers[1::2])
     model.set_inference(exit_thresholds=None)
     assert model.adaptive_decoder() is None  # full depth: plain cached decoding

@@ -188,13 +188,32 @@ def _init_model_config(args: argparse.Namespace):
     return read_checkpoint(args.init_from).model_cfg
 
 
-def _load_for_inference(path: str, eval_routing: str | None = None, exit_threshold: str | None = None):
-    """A checkpoint's model, tokenizer and configs, with the routing and exit thresholds asked for."""
+def _add_knob_flags(s: argparse.ArgumentParser) -> None:
+    """The compute dial's inference knobs (the model's settings surface), shared by generate, eval, bench, inspect."""
+    s.add_argument("--moe-top-k", type=int, metavar="K",
+                   help="MoE: experts per token at inference, gates rescaled to the trained choice's total weight "
+                        "(default: the trained k)")
+    s.add_argument("--mod-threshold", type=float, metavar="X",
+                   help="MoD: the causal decision logit a token must exceed to take a routed block (default 0, the "
+                        "trained decision; higher: fewer tokens, less compute; a negative one as --mod-threshold=-0.5)")
+
+
+def _knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The knob flags given on the command line, as model inference settings."""
+    given = {"moe_top_k": getattr(args, "moe_top_k", None), "mod_threshold": getattr(args, "mod_threshold", None)}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _load_for_inference(path: str, eval_routing: str | None = None, exit_threshold: str | None = None,
+                        knobs: dict[str, Any] | None = None):
+    """A checkpoint's model, tokenizer and configs, with the routing, exit thresholds and knobs asked for."""
     from condformer.checkpoint import load_for_inference
 
     ck, model, tok = load_for_inference(path)
     if eval_routing:
         model.set_inference(routing=eval_routing, missing="ignore")
+    if knobs:
+        model.set_inference(**knobs)  # a knob this model lacks: one line naming the ones it has
     if exit_threshold is not None:
         if "exit_thresholds" not in model.inference_settings():
             raise CondformerError("this model has no early exits; train an exit preset (e.g. tiny-exit) to use "
@@ -207,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from condformer.data import prepare_data
     from condformer.train import evaluate
 
-    ck, model, tok = _load_for_inference(args.checkpoint, eval_routing=args.eval_routing)
+    ck, model, tok = _load_for_inference(args.checkpoint, eval_routing=args.eval_routing, knobs=_knobs(args))
     cfg = ck.train_cfg
     if cfg is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no training config; evaluate a run written by train")
@@ -226,12 +245,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int, stream: bool, exit_threshold: str | None = None,
-                   speculative: int | None = None, draft_tokens: int = 4, stats: dict | None = None) -> str:
+                   speculative: int | None = None, draft_tokens: int = 4, stats: dict | None = None,
+                   knobs: dict[str, Any] | None = None) -> str:
     import torch
 
     from condformer.generation import SamplingConfig, generate
 
-    ck, model, tok = _load_for_inference(path, exit_threshold=exit_threshold)
+    ck, model, tok = _load_for_inference(path, exit_threshold=exit_threshold, knobs=knobs)
     if tok is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot decode text")
     ids = tok.encode(prompt)
@@ -270,7 +290,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     text = _generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.greedy,
                           1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
                           args.seed, stream=not args.json, exit_threshold=args.exit_threshold,
-                          speculative=args.speculative, draft_tokens=args.draft_tokens, stats=stats)
+                          speculative=args.speculative, draft_tokens=args.draft_tokens, stats=stats,
+                          knobs=_knobs(args))
     stats.pop("exit_depths", None)
     if stats and not args.json:
         if stats.get("exit_mean_depth") is not None:
@@ -335,7 +356,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     else:
         check_utf8(args.text, "--text")
         text = INSPECT_TEXT if args.text is None else args.text
-    ck, model, tok = _load_for_inference(args.checkpoint, args.eval_routing, args.exit_threshold)
+    ck, model, tok = _load_for_inference(args.checkpoint, args.eval_routing, args.exit_threshold, _knobs(args))
     if tok is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot encode text")
     result = inspect_routing(model, tok, text)
@@ -397,7 +418,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       dtype=args.dtype, memory=not args.no_memory, eval_routing=args.eval_routing, data=args.data,
                       exit_threshold=None if args.exit_threshold is None else parse_thresholds(args.exit_threshold),
                       speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile,
-                      **({} if args.new_tokens is None else {"new_tokens": args.new_tokens}))
+                      inference=_knobs(args), **({} if args.new_tokens is None else {"new_tokens": args.new_tokens}))
     result = run_bench(cfg, progress=not args.no_progress)
     _emit(args, format_bench(result), result)
 
@@ -567,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed layers: learned causal decisions (the default, as in sampling) or top-k at "
                         "capacity (not causal: an upper bound on what causal routing can reach)")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    _add_knob_flags(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="continue a prompt with a trained decoder (KV-cached, streaming)")
@@ -580,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     _add_exit_decoding_args(s, "")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    _add_knob_flags(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("calibrate", help="pick early-exit thresholds that keep quality within a tolerance")
@@ -618,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train and forward modes: torch.compile both models (warm-up iterations pay the compile)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    _add_knob_flags(s)
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("import", help="a Hugging Face model (local directory or .gguf file) as a condformer run")
@@ -690,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--curve-batches", type=POSITIVE_INT, default=4,
                    help="exit models: validation batches for the quality vs average depth curve")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    _add_knob_flags(s)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("compare", help="isoFLOP study: train presets to one FLOP budget, evaluate, time, report")

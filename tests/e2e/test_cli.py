@@ -283,3 +283,21 @@ def test_compare_lr_sets_one_shared_rate_and_its_absence_each_presets_own(monkey
     shared, own = seen
     assert shared.lr_of("tiny") == shared.lr_of("tiny-sasp") == 0.003
     assert own.lr is None and own.lr_of("tiny-sasp") == 4 * own.lr_of("tiny")
+
+
+@pytest.mark.parametrize(("threshold", "share"), [("-1e6", 1.0), ("1e6", 0.0)])
+def test_mod_threshold_flag_sets_the_routed_share(mod_run: Path, env: dict, threshold: str, share: float) -> None:
+    """The compute dial's MoD knob from the command line: every token or none takes the routed block."""
+    got = last_json(cf("inspect", str(mod_run), "--eval-routing", "causal", f"--mod-threshold={threshold}",
+                       "--out", str(mod_run / f"inspect{threshold}.png"), "--json", env=env))
+    assert got["layers"][0]["routed_frac"] == share
+
+
+def test_knob_flags_a_model_lacks_are_one_line(run_dir: tuple[Path, dict], env: dict) -> None:
+    out, _ = run_dir
+    proc = cf("eval", str(out), "--moe-top-k", "1", "--json", env=env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("condformer: error:")]
+    assert len(errors) == 1 and "moe_top_k" in errors[0] and "its settings" in errors[0], proc.stderr[-1500:]
+    proc = cf("bench", "--preset", "tiny-moe", "--moe-top-k", "1", "--mode", "train", env=env)
+    assert proc.returncode != 0 and "use --mode forward or generate" in proc.stderr

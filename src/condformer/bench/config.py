@@ -6,7 +6,7 @@ configuration (and a memory child can receive one by pickling) without loading a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from condformer.config import ModelConfig
@@ -48,6 +48,9 @@ class BenchConfig:
     draft_tokens: int = 4
     # train and forward modes: run both models through torch.compile (the warm-up pays the compilation)
     compile: bool = False
+    # model A's inference settings (the model's settings surface, e.g. {"moe_top_k": 1, "mod_threshold": 0.5}),
+    # for forward and generate; the baseline keeps its own
+    inference: dict = field(default_factory=dict)
 
     def validate(self) -> BenchConfig:
         """Check the fields that do not depend on the models; one-line :class:`ConfigError` otherwise."""
@@ -69,6 +72,9 @@ class BenchConfig:
             raise ConfigError("--exit-threshold and --speculative time generation; use --mode generate")
         if self.exit_threshold is not None and self.speculative is not None:
             raise ConfigError("--speculative verifies every token at full depth; it takes no --exit-threshold")
+        if self.inference and self.mode == "train":
+            raise ConfigError("inference settings (--moe-top-k, --mod-threshold) change evaluation and decoding, "
+                              "not training; use --mode forward or generate")
         if self.compile and self.mode == "generate":
             raise ConfigError("--compile applies to --mode train and forward (decoding is not compiled); drop "
                               "--compile or pick another mode")

@@ -124,6 +124,8 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
     model = model.to(device)
     # forward: the requested routing; generate: always the causal decisions (top-k cannot decode)
     model.set_inference(routing=cfg.eval_routing if cfg.mode == "forward" else "causal", missing="ignore")
+    if not baseline and cfg.inference:
+        model.set_inference(**cfg.inference)  # a setting this model lacks is a one-line error
     x, y = tokens.to(device), targets.to(device)
     dtype = cfg.dtype
     # the compiled module shares the model's parameters; the first (warm-up) calls compile it

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -134,12 +134,20 @@ class MoDRouter(nn.Module):
     """
 
     Options = MoD
-    inference_knobs = ("routing",)
+    # routing: "causal" or "topk" at evaluation; mod_threshold: the logit a token's causal decision must exceed
+    # to take the block (0, the trained decision; higher routes fewer tokens, lower more: the compute dial's knob)
+    inference_knobs = ("routing", "mod_threshold")
 
-    def get_inference(self, name: str) -> str:
-        return self.eval_routing
+    def get_inference(self, name: str) -> Any:
+        return self.eval_routing if name == "routing" else self.decision_threshold
 
-    def set_inference(self, name: str, mode: str) -> None:
+    def set_inference(self, name: str, mode: Any) -> None:
+        if name == "mod_threshold":
+            if isinstance(mode, bool) or not isinstance(mode, (int, float)) or not math.isfinite(mode):
+                raise ConfigError(f"mod_threshold must be a finite number (a logit; 0 is the trained decision), "
+                                  f"got {mode!r}")
+            self.decision_threshold = float(mode)
+            return
         if mode not in EVAL_ROUTINGS:
             raise ConfigError(f"unknown eval_routing {mode!r}; choose one of: {', '.join(EVAL_ROUTINGS)}")
         if mode == "causal" and self.causal_router == "none":
@@ -155,6 +163,7 @@ class MoDRouter(nn.Module):
         self.weighting = o.weighting
         self.causal_router = o.causal_router
         self.eval_routing = o.eval_routing
+        self.decision_threshold = 0.0  # the causal decision's logit threshold at inference (a run-time knob)
         self.aux_coef = float(o.aux_coef)
         self.predictor_coef = float(o.predictor_coef)
         self.anneal_steps = int(o.anneal_steps)
@@ -268,7 +277,7 @@ class MoDRouter(nn.Module):
                           record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, Context] | None:
         """The tokens the causal decisions send through, as (idx_BK, keep_BK, their context); None if none."""
         B, T, _ = x_BTD.shape
-        route_BT = self.causal_logits(x_BTD, r_BT) > 0
+        route_BT = self.causal_logits(x_BTD, r_BT) > self.decision_threshold
         if ctx.valid_BT is not None:
             route_BT = route_BT & ctx.valid_BT
         counts_B = route_BT.sum(dim=1)

@@ -188,11 +188,25 @@ class MoEFFN(nn.Module):
             self.router = LSHRouter(d, self.n_experts, seed)
         else:  # expert_choice, soft: a plain learned scorer
             self.router = LinearRouter(d, self.n_experts, cfg.init_std)
+        # moe_top_k: experts per token at inference, for the learned token-choice routers (the compute dial's knob)
+        self.inference_knobs = ("moe_top_k",) if isinstance(self.router, (TopKRouter, NoisyTopKRouter)) else ()
         if self.aux_free_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(self.n_total))
         self._load_acc: torch.Tensor | None = None  # assignments since the last optimiser step (aux-free)
         # set by condformer.parallel.expert_parallel: this rank holds a slice of the experts, tokens travel
         self.expert_parallel: Any = None
+
+    # -- the inference knob ----------------------------------------------------------------------
+    def get_inference(self, name: str) -> int:
+        return self.k if self.router.serve_k is None else self.router.serve_k
+
+    def set_inference(self, name: str, k: Any) -> None:
+        """``moe_top_k``: how many experts each token visits at inference (training keeps the configured k). The
+        gates of the served experts are rescaled to the weight the trained choice gave (``served_gates``)."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_total):
+            raise ConfigError(f"moe_top_k must be a whole number from 1 to {self.n_total} (MoE layer "
+                              f"{self.layer_index}'s experts), got {k!r}")
+        self.router.serve_k = None if k is None or k == self.k else int(k)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x_BTD: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -256,7 +270,7 @@ class MoEFFN(nn.Module):
         kept_NK = None
         run_NK = expert_NK  # the pairs computed: capacity decided over several ranks drops pairs before dispatch
         if factor is not None and (scope.world > 1 or self.expert_parallel is not None):
-            C = dispatch.capacity_slots(factor, B * T * scope.world, self.k, self.n_total)
+            C = dispatch.capacity_slots(factor, B * T * scope.world, expert_NK.shape[1], self.n_total)
             gate_all = scope.gather(gate_NK) if self.drop_policy == "score" else None
             kept_NK = scope.own_rows(dispatch.capacity_keep(scope.gather(expert_NK), gate_all, self.n_experts, C,
                                                             self.drop_policy))
@@ -267,7 +281,7 @@ class MoEFFN(nn.Module):
         if self.expert_parallel is not None:  # experts live on several ranks: all-to-all there and back
             y_ND = self.expert_parallel.dispatch(x_ND, run_NK, gate_NK, self.bank, record=ctx.accumulate)
         elif factor is not None:
-            C = dispatch.capacity_slots(factor, B * T, self.k, self.n_total)
+            C = dispatch.capacity_slots(factor, B * T, expert_NK.shape[1], self.n_total)
             y_ND, kept_NK = dispatch.with_capacity(x_ND, expert_NK, gate_NK, self.bank, C, self.drop_policy)
         elif how == "loop":
             y_ND = dispatch.expert_loop(x_ND, run_NK, gate_NK, self.bank)

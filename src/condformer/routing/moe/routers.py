@@ -65,16 +65,29 @@ class TopKRouter(LinearRouter):
     def __init__(self, d_model: int, n_choices: int, init_std: float, k: int, renormalize: bool) -> None:
         super().__init__(d_model, n_choices, init_std)
         self.k, self.renormalize = k, renormalize
+        self.serve_k: int | None = None  # experts per token at inference (None: k); see served_gates
 
     def forward(self, x_ND: torch.Tensor, bias_E: torch.Tensor | None = None) -> Routing:
         logits = self.logits(x_ND)
         probs = logits.softmax(dim=-1)
         select = probs if bias_E is None else probs + bias_E
-        expert = select.topk(self.k, dim=-1).indices
+        k = self.k if self.training or self.serve_k is None else self.serve_k
+        expert = select.topk(max(k, self.k), dim=-1).indices
         gate = probs.gather(-1, expert)
+        if k != self.k:
+            trained = gate[:, :self.k].sum(dim=-1, keepdim=True)
+            target = torch.ones_like(trained) if self.renormalize and self.k > 1 else trained
+            return Routing(expert[:, :k], served_gates(gate[:, :k], target), logits, probs)
         if self.renormalize and self.k > 1:
             gate = gate / gate.sum(dim=-1, keepdim=True)
         return Routing(expert, gate, logits, probs)
+
+
+def served_gates(gate_NK: torch.Tensor, mass_N1: torch.Tensor) -> torch.Tensor:
+    """The gates of k experts served instead of the trained number, rescaled to the total weight the trained
+    choice gave the experts (1 for renormalised top-k, the chosen probability mass otherwise): serving top-1 of a
+    top-2 model then adds the first expert at the full weight the two shared, not at its half."""
+    return gate_NK * (mass_N1 / gate_NK.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(gate_NK.dtype).tiny))
 
 
 class NoisyTopKRouter(LinearRouter):
@@ -87,6 +100,7 @@ class NoisyTopKRouter(LinearRouter):
     def __init__(self, d_model: int, n_choices: int, init_std: float, k: int) -> None:
         super().__init__(d_model, n_choices, init_std)
         self.k = k
+        self.serve_k: int | None = None  # experts per token at inference (None: k); gates re-softmaxed over them
         self.noise_weight = nn.Parameter(torch.zeros(n_choices, d_model))
 
     def forward(self, x_ND: torch.Tensor, bias_E: torch.Tensor | None = None) -> Routing:
@@ -96,7 +110,8 @@ class NoisyTopKRouter(LinearRouter):
             std = F.softplus(float32_linear(x_ND, self.noise_weight)) + 1e-2
             noisy = clean + torch.randn_like(clean) * std
         select = noisy if bias_E is None else noisy + bias_E
-        expert = select.topk(self.k, dim=-1).indices
+        k = self.k if self.training or self.serve_k is None else self.serve_k
+        expert = select.topk(k, dim=-1).indices
         gate = noisy.gather(-1, expert).softmax(dim=-1)
         probs = noisy.softmax(dim=-1)
         return Routing(expert, gate, clean, probs, None if std is None else (clean, noisy, std))

@@ -193,15 +193,35 @@ def _add_knob_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--moe-top-k", type=int, metavar="K",
                    help="MoE: experts per token at inference, gates rescaled to the trained choice's total weight "
                         "(default: the trained k)")
+    s.add_argument("--tolerance", type=float, metavar="EPS",
+                   help="use the setting `condformer dial` certified for this quality tolerance (e.g. 0.01)")
     s.add_argument("--mod-threshold", type=float, metavar="X",
                    help="MoD: the causal decision logit a token must exceed to take a routed block (default 0, the "
                         "trained decision; higher: fewer tokens, less compute; a negative one as --mod-threshold=-0.5)")
 
 
-def _knobs(args: argparse.Namespace) -> dict[str, Any]:
-    """The knob flags given on the command line, as model inference settings."""
+def _knobs(args: argparse.Namespace, path: str | None = None) -> dict[str, Any]:
+    """The knob flags given on the command line, as model inference settings; with ``--tolerance EPS`` the
+    setting ``condformer dial`` certified for EPS in the run at ``path``."""
     given = {"moe_top_k": getattr(args, "moe_top_k", None), "mod_threshold": getattr(args, "mod_threshold", None)}
-    return {k: v for k, v in given.items() if v is not None}
+    knobs = {k: v for k, v in given.items() if v is not None}
+    eps = getattr(args, "tolerance", None)
+    if eps is None:
+        return knobs
+    if knobs:
+        raise ConfigError("--tolerance uses the setting condformer dial certified; drop --moe-top-k/--mod-threshold "
+                          "or --tolerance")
+    from condformer.checkpoint import read_checkpoint
+    from condformer.dial.search import read_tolerance
+
+    if path is None or not Path(path).exists():
+        raise ConfigError("--tolerance needs a run directory (the one condformer dial calibrated)")
+    return read_tolerance(_run_dir(read_checkpoint(path).path), eps)
+
+
+def _run_dir(ck_path: Path) -> Path:
+    """The run directory of a checkpoint directory (or the directory itself for a flat one)."""
+    return ck_path.parent.parent if ck_path.parent.name == "checkpoints" else ck_path
 
 
 def _load_for_inference(path: str, eval_routing: str | None = None, exit_threshold: str | None = None,
@@ -226,7 +246,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from condformer.data import prepare_data
     from condformer.train import evaluate
 
-    ck, model, tok = _load_for_inference(args.checkpoint, eval_routing=args.eval_routing, knobs=_knobs(args))
+    ck, model, tok = _load_for_inference(args.checkpoint, eval_routing=args.eval_routing,
+                                         knobs=_knobs(args, args.checkpoint))
     cfg = ck.train_cfg
     if cfg is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no training config; evaluate a run written by train")
@@ -291,7 +312,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
                           args.seed, stream=not args.json, exit_threshold=args.exit_threshold,
                           speculative=args.speculative, draft_tokens=args.draft_tokens, stats=stats,
-                          knobs=_knobs(args))
+                          knobs=_knobs(args, args.checkpoint))
     stats.pop("exit_depths", None)
     if stats and not args.json:
         if stats.get("exit_mean_depth") is not None:
@@ -356,7 +377,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     else:
         check_utf8(args.text, "--text")
         text = INSPECT_TEXT if args.text is None else args.text
-    ck, model, tok = _load_for_inference(args.checkpoint, args.eval_routing, args.exit_threshold, _knobs(args))
+    ck, model, tok = _load_for_inference(args.checkpoint, args.eval_routing, args.exit_threshold,
+                                         _knobs(args, args.checkpoint))
     if tok is None:
         raise CondformerError(f"checkpoint '{ck.path}' has no tokenizer; it cannot encode text")
     result = inspect_routing(model, tok, text)
@@ -409,6 +431,60 @@ def _exit_curve(ck, model, tok, run_dir, args: argparse.Namespace, lines: list[s
     return {**curve, "png": str(png)}
 
 
+# -- dial --------------------------------------------------------------------------------------
+def cmd_dial(args: argparse.Namespace) -> None:
+    from condformer.calibrate import validation_batches
+    from condformer.checkpoint_io import write_json_atomic
+    from condformer.data import prepare_data
+    from condformer.dial.search import pareto_plot, run_dial
+
+    ck, model, tok = _load_for_inference(args.checkpoint)
+    cfg = ck.train_cfg
+    if cfg is None:
+        raise CondformerError(f"checkpoint '{ck.path}' has no training config; dial a run written by train")
+    if not 0 < args.delta < 1:
+        raise ConfigError(f"--delta must be in (0, 1) (0.1 = the guarantee holds with probability 90%), "
+                          f"got {args.delta}")
+    knobs = None if args.knobs is None else [k.strip() for k in args.knobs.split(",") if k.strip()]
+    data = prepare_data(args.data or cfg.data, tok or cfg.tokenizer, cfg.val_fraction)
+    batches = validation_batches(data, ck.model_cfg, cfg, args.batches, str(next(model.parameters()).device))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(disable=args.json or args.no_progress, desc="dial", unit="setting", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        result = run_dial(model, batches, args.tolerance, args.delta, metric=args.metric, knobs=knobs,
+                          method=args.method, seed=args.seed, progress=progress)
+    finally:
+        bar.close()
+    run_dir = _run_dir(ck.path)
+    write_json_atomic(run_dir / "dial.json", {**result.to_dict(), "checkpoint": str(ck.path)})
+    png = pareto_plot(result, run_dir / "dial.png")
+    lines = [f"{ck.path}: {len(result.grid)} settings, {result.n_calibration} calibration + {result.n_holdout} "
+             f"holdout sequences, metric {result.metric}, delta {result.delta} ({result.method})",
+             "| setting | FLOPs / full | calibration risk | holdout risk |", "| --- | --- | --- | --- |"]
+    for g in result.grid:
+        lines.append(f"| {_setting_text(g['settings'])} | {g['flops_ratio']:.3f} | {g['calibration_risk']:.4f} | "
+                     f"{g['holdout_risk']:.4f} |")
+    for key, t in result.tolerances.items():
+        if t["settings"] is None:
+            lines.append(f"tolerance {key}: nothing certified; run at full compute")
+        else:
+            lines.append(f"tolerance {key}: {_setting_text(t['settings'])}  FLOPs x{t['flops_ratio']:.3f}  holdout "
+                         f"risk {t['holdout_risk']:.4f} (p = {t['p_value']:.3g})")
+    lines.append(f"written: {run_dir / 'dial.json'}" + (f", {png}" if png is not None else ""))
+    _emit(args, "\n".join(lines), {**result.to_dict(), "png": None if png is None else str(png)})
+
+
+def _setting_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
 # -- bench -------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> None:
     from condformer.bench import BenchConfig, format_bench, run_bench
@@ -418,7 +494,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       dtype=args.dtype, memory=not args.no_memory, eval_routing=args.eval_routing, data=args.data,
                       exit_threshold=None if args.exit_threshold is None else parse_thresholds(args.exit_threshold),
                       speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile,
-                      inference=_knobs(args), **({} if args.new_tokens is None else {"new_tokens": args.new_tokens}))
+                      inference=_knobs(args, args.preset),
+                      **({} if args.new_tokens is None else {"new_tokens": args.new_tokens}))
     result = run_bench(cfg, progress=not args.no_progress)
     _emit(args, format_bench(result), result)
 
@@ -619,6 +696,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="report the thresholds without writing them")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("dial", help="certify the cheapest inference setting per quality tolerance (Learn-then-Test)")
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--tolerance", type=float, nargs="+", required=True, metavar="EPS",
+                   help="quality tolerances (0.01 = 1%%): each gets the cheapest setting certified within it")
+    s.add_argument("--delta", type=float, default=0.1,
+                   help="the guarantee holds with probability at least 1 - delta over the calibration draw")
+    s.add_argument("--metric", choices=["loss", "agreement"], default="loss",
+                   help="loss: relative cross-entropy increase per sequence; agreement: share of next-token "
+                        "argmaxes that differ from the full model's")
+    s.add_argument("--knobs", help="comma-separated knobs to turn (default: every one the model has: moe_top_k, "
+                                   "mod_threshold)")
+    s.add_argument("--method", choices=["fixed_sequence", "bonferroni"], default="fixed_sequence",
+                   help="multiple testing over the grid")
+    s.add_argument("--batches", type=POSITIVE_INT, default=60, help="validation batches (sequences = batches x "
+                                                                     "batch size; a third is held out)")
+    s.add_argument("--data", help="calibrate on another corpus (default: the run's)")
+    s.add_argument("--seed", type=int, default=0, help="the calibration/holdout split")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(func=cmd_dial)
 
     s = sub.add_parser("bench", help="time a preset against a baseline in the same process")
     s.add_argument("--preset", required=True,

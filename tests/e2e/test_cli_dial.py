@@ -1,0 +1,93 @@
+"""`condformer dial` and `--tolerance` as a user runs them: certify settings on a trained MoD + MoE run, write
+dial.json and its plot atomically into the run, then evaluate and generate with a calibrated tolerance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cf(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "condformer.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("condformer: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return {**os.environ, "CONDFORMER_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "2"}
+
+
+@pytest.fixture(scope="module")
+def dialled(tmp_path_factory: pytest.TempPathFactory, env: dict, code_corpus: Path) -> tuple[Path, dict]:
+    """A run with a MoD layer and a top-2 MoE layer, trained 40 steps, then dialled at two tolerances."""
+    from condformer.cli import main
+
+    root = tmp_path_factory.mktemp("dial")
+    cfg = root / "mm.json"
+    cfg.write_text(json.dumps({
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
+                  "layers": [{"router": "mod", "options": {"capacity": 0.5}},
+                             {"ffn": "moe", "options": {"experts": 4, "top_k": 2}}]},
+        "train": {"tensorboard": False}}))
+    out = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONDFORMER_CACHE", env["CONDFORMER_CACHE"])
+        assert main(["train", "--config", str(cfg), "--data", str(code_corpus), "--max-steps", "40", "--seq-len", "32",
+                     "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+    result = last_json(cf("dial", str(out), "--tolerance", "0.0001", "0.9", "--batches", "10", "--json", env=env))
+    return out, result
+
+
+def test_dial_writes_its_table_and_plot_into_the_run(dialled: tuple[Path, dict]) -> None:
+    run, result = dialled
+    saved = json.loads((run / "dial.json").read_text())
+    assert saved["tolerances"] == result["tolerances"] and saved["grid"] == result["grid"]
+    assert (run / "dial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(result["grid"]) == 10 and result["n_calibration"] + result["n_holdout"] == 80
+    loose = result["tolerances"]["0.9"]
+    assert loose["settings"] is not None and loose["flops_ratio"] < 1 and loose["holdout_risk"] <= 0.9
+    assert not [p for p in run.iterdir() if p.name.startswith(".") and "dial" in p.name]  # no temporary left
+
+
+def test_eval_with_a_tolerance_uses_the_certified_setting(dialled: tuple[Path, dict], env: dict) -> None:
+    run, result = dialled
+    settings = result["tolerances"]["0.9"]["settings"]
+    dialled_eval = last_json(cf("eval", str(run), "--tolerance", "0.9", "--json", env=env))
+    explicit = last_json(cf("eval", str(run), "--moe-top-k", str(settings["moe_top_k"]),
+                            f"--mod-threshold={settings['mod_threshold']}", "--json", env=env))
+    full = last_json(cf("eval", str(run), "--json", env=env))
+    assert dialled_eval["val_loss"] == explicit["val_loss"] != full["val_loss"]
+
+
+def test_generate_with_a_tolerance(dialled: tuple[Path, dict], env: dict) -> None:
+    run, _ = dialled
+    got = last_json(cf("generate", str(run), "--prompt", "def ", "--max-new-tokens", "8", "--greedy",
+                       "--tolerance", "0.9", "--json", env=env))
+    assert isinstance(got["text"], str)
+
+
+def test_tolerance_errors_are_one_line(dialled: tuple[Path, dict], env: dict) -> None:
+    run, result = dialled
+    assert "0.05 was not calibrated" in one_error(cf("eval", str(run), "--tolerance", "0.05", env=env))
+    assert "drop --moe-top-k" in one_error(cf("eval", str(run), "--tolerance", "0.9", "--moe-top-k", "1", env=env))
+    assert result["tolerances"]["0.0001"]["settings"] is None  # 27 test sequences cannot certify 0.01%
+    assert "no setting met tolerance 0.0001" in one_error(cf("eval", str(run), "--tolerance", "0.0001", env=env))
+    assert "--delta must be in (0, 1)" in one_error(cf("dial", str(run), "--tolerance", "0.1", "--delta", "2",
+                                                       env=env))

@@ -133,6 +133,12 @@ def worker(args: argparse.Namespace) -> None:
             f.write(json.dumps(record) + "\n")
     dist.barrier()  # rank 0 may still be writing: tearing gloo down under it aborts a rank
     dist.destroy_process_group()
+    # leave without interpreter finalisation: under CPU contention it once aborted a rank here ("terminate called
+    # without an active exception", after the row was written), the gloo-threads-at-finalisation race of
+    # pytorch/pytorch#179291; the row is written and flushed, nothing else is left to do
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_all(args: argparse.Namespace) -> None:

@@ -490,3 +490,61 @@ def test_batched_sampling_runs_per_row_and_is_seeded():
     a = run(5)
     assert [len(row) for row in a] == [10] * len(BATCH) and all(0 <= t < V for row in a for t in row)
     assert run(5) == a and run(6) != a
+
+
+# -- adaptive drafting: the draft stops below an exit confidence ----------------------------------------
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_adaptive_drafting_keeps_the_full_models_greedy_output(kind):
+    """Whatever the confidence threshold, one prompt or a left-padded batch: each row's own greedy output."""
+    model = make_model(MODELS[kind])
+    N = 14
+    per_row = [naive_greedy(model, p, N) for p in BATCH]
+    fixed: dict = {}
+    generate(model, BATCH, greedy(N), speculative=1, draft_tokens=4, stats=fixed)
+    drafted, rounds = [], []
+    for c in (0.0, 0.05, 0.2, 0.6, 1.0):
+        for E, K in ((1, 4), (2, 5)):
+            stats: dict = {}
+            out = generate(model, BATCH, greedy(N), speculative=E, draft_tokens=K, draft_confidence=c, stats=stats)
+            assert out == per_row, (c, E, K)
+            check_stats(stats, out, len(BATCH), K)
+            alone = [generate(model, [p], greedy(N), speculative=E, draft_tokens=K, draft_confidence=c)[0]
+                     for p in BATCH[:3]]
+            assert alone == per_row[:3]
+            if (E, K) == (1, 4):
+                drafted.append(stats["drafted"] / stats["rounds"])
+                rounds.append(stats["rounds"])
+                if c == 0.0:  # never stops early: the fixed-length rounds exactly
+                    assert {k: stats[k] for k in fixed} == fixed
+    # c = 1 stops after one draft every round (fewer when a row's budget leaves none); in between it adapts
+    assert drafted[-1] <= 1.0 < drafted[0] and rounds[-1] > rounds[0]
+    assert drafted == sorted(drafted, reverse=True) and len(set(drafted)) >= 3
+
+
+def test_adaptive_drafting_drafts_more_where_the_exit_is_right():
+    """A model whose draft exit is the full model (layers past E are identities): confident drafts, all kept;
+    the adaptive draft then runs to K where the exit is sure and stops where it is not."""
+    model = near_model(2, 0.0)
+    ref = generate(model, PROMPTS, greedy(20))
+    stats: dict = {}
+    assert generate(model, PROMPTS, greedy(20), speculative=2, draft_tokens=4, draft_confidence=0.3,
+                    stats=stats) == ref
+    assert stats["acceptance_rate"] == 1.0
+
+
+def test_adaptive_sampling_runs_and_is_seeded():
+    model = make_model()
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.9)
+    runs = [generate(model, PROMPTS, cfg, speculative=1, draft_tokens=3, draft_confidence=0.2,
+                     generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(r) == 10 for r in runs[0])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "high", True])
+def test_bad_draft_confidence_is_a_one_line_error(bad):
+    model = make_model()
+    msg = one_line_error(lambda: generate(model, PROMPTS, greedy(4), speculative=1, draft_confidence=bad),
+                         CondformerError)
+    assert "draft_confidence" in msg
+    msg = one_line_error(lambda: generate(model, PROMPTS, greedy(4), draft_confidence=0.5), CondformerError)
+    assert "speculative=E" in msg

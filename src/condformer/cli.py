@@ -267,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int, stream: bool, exit_threshold: str | None = None,
                    speculative: int | None = None, draft_tokens: int = 4, stats: dict | None = None,
-                   knobs: dict[str, Any] | None = None) -> str:
+                   knobs: dict[str, Any] | None = None, draft_confidence: float | None = None) -> str:
     import torch
 
     from condformer.generation import SamplingConfig, generate
@@ -295,7 +295,7 @@ def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperatu
 
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     generate(model, [ids], sampling, pad_id=tok.pad_id, generator=gen, on_tokens=on_tokens, speculative=speculative,
-             draft_tokens=draft_tokens, stats=stats)
+             draft_tokens=draft_tokens, stats=stats, draft_confidence=draft_confidence)
     text = tok.decode([i for i in new_ids if i != tok.eos_id])
     if stream:
         sys.stdout.write(text[printed[0]:] + "\n")
@@ -305,6 +305,7 @@ def _generate_text(path: str, prompt: str, max_new: int, greedy: bool, temperatu
 
 def cmd_generate(args: argparse.Namespace) -> None:
     check_generate_flags(args)
+    _tuned_speculation(args, args.checkpoint)
     if not args.json:
         sys.stdout.write(args.prompt)
     stats: dict = {}
@@ -312,7 +313,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
                           args.seed, stream=not args.json, exit_threshold=args.exit_threshold,
                           speculative=args.speculative, draft_tokens=args.draft_tokens, stats=stats,
-                          knobs=_knobs(args, args.checkpoint))
+                          knobs=_knobs(args, args.checkpoint), draft_confidence=args.draft_confidence)
     stats.pop("exit_depths", None)
     if stats and not args.json:
         if stats.get("exit_mean_depth") is not None:
@@ -434,10 +435,11 @@ def _exit_curve(ck, model, tok, run_dir, args: argparse.Namespace, lines: list[s
 # -- dial --------------------------------------------------------------------------------------
 def cmd_dial(args: argparse.Namespace) -> None:
     from condformer.calibrate import validation_batches
-    from condformer.checkpoint_io import write_json_atomic
     from condformer.data import prepare_data
-    from condformer.dial.search import pareto_plot, run_dial
 
+    if not args.tolerance and not args.speculation:
+        raise ConfigError("give --tolerance EPS... (certify knob settings), --speculation (tune self-speculative "
+                          "decoding by speed), or both")
     ck, model, tok = _load_for_inference(args.checkpoint)
     cfg = ck.train_cfg
     if cfg is None:
@@ -445,13 +447,47 @@ def cmd_dial(args: argparse.Namespace) -> None:
     if not 0 < args.delta < 1:
         raise ConfigError(f"--delta must be in (0, 1) (0.1 = the guarantee holds with probability 90%), "
                           f"got {args.delta}")
-    knobs = None if args.knobs is None else [k.strip() for k in args.knobs.split(",") if k.strip()]
+    if args.speculation:
+        from condformer.dial.speculation import draft_depths
+
+        draft_depths(model)  # a model without exits: one line before any data is prepared
     data = prepare_data(args.data or cfg.data, tok or cfg.tokenizer, cfg.val_fraction)
     batches = validation_batches(data, ck.model_cfg, cfg, args.batches, str(next(model.parameters()).device))
+    run_dir = _run_dir(ck.path)
+    saved = _read_dial(run_dir)
+    payload: dict[str, Any] = {"checkpoint": str(ck.path)}
+    lines: list[str] = []
+    if args.tolerance:
+        payload.update(_dial_knobs(args, model, batches, run_dir, lines))
+    if args.speculation:
+        payload["speculation"] = _dial_speculation(args, model, batches, lines)
+    from condformer.checkpoint_io import write_json_atomic
 
+    write_json_atomic(run_dir / "dial.json", {**saved, **payload})  # a second dial keeps the other part
+    lines.append(f"written: {run_dir / 'dial.json'}")
+    _emit(args, "\n".join(lines), payload)
+
+
+def _read_dial(run_dir: Path) -> dict[str, Any]:
+    """The run's dial.json so far ({} if none or unreadable: it is rewritten whole)."""
+    try:
+        saved = json.loads((run_dir / "dial.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _bar(args: argparse.Namespace, what: str) -> Any:
     from tqdm.auto import tqdm
 
-    bar = tqdm(disable=args.json or args.no_progress, desc="dial", unit="setting", file=sys.stderr)
+    return tqdm(disable=args.json or args.no_progress, desc=what, unit="setting", file=sys.stderr)
+
+
+def _dial_knobs(args: argparse.Namespace, model: Any, batches: list, run_dir: Path, lines: list[str]) -> dict:
+    from condformer.dial.search import pareto_plot, run_dial
+
+    knobs = None if args.knobs is None else [k.strip() for k in args.knobs.split(",") if k.strip()]
+    bar = _bar(args, "dial")
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -462,12 +498,10 @@ def cmd_dial(args: argparse.Namespace) -> None:
                           method=args.method, seed=args.seed, progress=progress)
     finally:
         bar.close()
-    run_dir = _run_dir(ck.path)
-    write_json_atomic(run_dir / "dial.json", {**result.to_dict(), "checkpoint": str(ck.path)})
     png = pareto_plot(result, run_dir / "dial.png")
-    lines = [f"{ck.path}: {len(result.grid)} settings, {result.n_calibration} calibration + {result.n_holdout} "
-             f"holdout sequences, metric {result.metric}, delta {result.delta} ({result.method})",
-             "| setting | FLOPs / full | calibration risk | holdout risk |", "| --- | --- | --- | --- |"]
+    lines += [f"{len(result.grid)} settings, {result.n_calibration} calibration + {result.n_holdout} holdout "
+              f"sequences, metric {result.metric}, delta {result.delta} ({result.method})",
+              "| setting | FLOPs / full | calibration risk | holdout risk |", "| --- | --- | --- | --- |"]
     for g in result.grid:
         lines.append(f"| {_setting_text(g['settings'])} | {g['flops_ratio']:.3f} | {g['calibration_risk']:.4f} | "
                      f"{g['holdout_risk']:.4f} |")
@@ -477,8 +511,33 @@ def cmd_dial(args: argparse.Namespace) -> None:
         else:
             lines.append(f"tolerance {key}: {_setting_text(t['settings'])}  FLOPs x{t['flops_ratio']:.3f}  holdout "
                          f"risk {t['holdout_risk']:.4f} (p = {t['p_value']:.3g})")
-    lines.append(f"written: {run_dir / 'dial.json'}" + (f", {png}" if png is not None else ""))
-    _emit(args, "\n".join(lines), {**result.to_dict(), "png": None if png is None else str(png)})
+    if png is not None:
+        lines.append(f"plot: {png}")
+    return {**result.to_dict(), "png": None if png is None else str(png)}
+
+
+def _dial_speculation(args: argparse.Namespace, model: Any, batches: list, lines: list[str]) -> dict:
+    from condformer.dial.speculation import tune_speculation
+
+    seq_len = batches[0][0].shape[1]
+    prompt_len = max(1, seq_len - args.new_tokens)
+    prompts = [row[:prompt_len].tolist() for x, _ in batches for row in x][:args.prompts]
+    bar = _bar(args, "speculation")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        choice = tune_speculation(model, prompts, new_tokens=args.new_tokens, repeats=args.repeats,
+                                  progress=progress)
+    finally:
+        bar.close()
+    best = choice.best
+    lines.append(f"self-speculation on {choice.n_prompts} prompts x {choice.new_tokens} tokens (greedy, batch 1): "
+                 f"full depth {choice.full_s:.3f} s; fastest E={best['draft_layers']} K={best['draft_tokens']} "
+                 f"confidence={best['draft_confidence']}: {best['speedup']:.2f}x (generate --speculative auto)")
+    return choice.to_dict()
 
 
 def _setting_text(settings: dict[str, Any]) -> str:
@@ -489,11 +548,14 @@ def _setting_text(settings: dict[str, Any]) -> str:
 def cmd_bench(args: argparse.Namespace) -> None:
     from condformer.bench import BenchConfig, format_bench, run_bench
 
+    _tuned_speculation(args, args.preset)
+
     cfg = BenchConfig(preset=args.preset, vs=args.vs, mode=args.mode, seq_len=args.seq_len,
                       batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
                       dtype=args.dtype, memory=not args.no_memory, eval_routing=args.eval_routing, data=args.data,
                       exit_threshold=None if args.exit_threshold is None else parse_thresholds(args.exit_threshold),
-                      speculative=args.speculative, draft_tokens=args.draft_tokens, compile=args.compile,
+                      speculative=args.speculative, draft_tokens=args.draft_tokens,
+                      draft_confidence=args.draft_confidence, compile=args.compile,
                       inference=_knobs(args, args.preset),
                       **({} if args.new_tokens is None else {"new_tokens": args.new_tokens}))
     result = run_bench(cfg, progress=not args.no_progress)
@@ -699,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("dial", help="certify the cheapest inference setting per quality tolerance (Learn-then-Test)")
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
-    s.add_argument("--tolerance", type=float, nargs="+", required=True, metavar="EPS",
+    s.add_argument("--tolerance", type=float, nargs="+", metavar="EPS",
                    help="quality tolerances (0.01 = 1%%): each gets the cheapest setting certified within it")
     s.add_argument("--delta", type=float, default=0.1,
                    help="the guarantee holds with probability at least 1 - delta over the calibration draw")
@@ -714,6 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "batch size; a third is held out)")
     s.add_argument("--data", help="calibrate on another corpus (default: the run's)")
     s.add_argument("--seed", type=int, default=0, help="the calibration/holdout split")
+    s.add_argument("--speculation", action="store_true",
+                   help="also time self-speculative decoding (every draft exit x draft length x adaptive "
+                        "confidence) on validation prompts and keep the fastest for generate --speculative auto")
+    s.add_argument("--prompts", type=POSITIVE_INT, default=8, help="--speculation: calibration prompts")
+    s.add_argument("--new-tokens", type=POSITIVE_INT, default=48, help="--speculation: tokens decoded per prompt")
+    s.add_argument("--repeats", type=POSITIVE_INT, default=3, help="--speculation: paired timings per setting")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(func=cmd_dial)
@@ -840,15 +908,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _speculative_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    return POSITIVE_INT(value)
+
+
+def _tuned_speculation(args: argparse.Namespace, path: str) -> None:
+    """``--speculative auto``: the run's tuned draft depth, length and confidence, in place of the flags."""
+    if args.speculative != "auto":
+        return
+    from condformer.checkpoint import read_checkpoint
+    from condformer.dial.speculation import read_speculation
+
+    if not Path(path).exists():
+        raise ConfigError("--speculative auto needs a run directory (the one condformer dial --speculation tuned)")
+    tuned = read_speculation(_run_dir(read_checkpoint(path).path))
+    args.speculative, args.draft_tokens = tuned["draft_layers"], tuned["draft_tokens"]
+    if args.draft_confidence is None:
+        args.draft_confidence = tuned["draft_confidence"]
+
+
 def _add_exit_decoding_args(s: argparse.ArgumentParser, where: str) -> None:
     s.add_argument("--exit-threshold", metavar="P",
                    help=f"{where}early exit: a token stops at the first exit whose confidence exceeds P (one number, "
                         f"or one per exit, comma-separated, 'off' for an exit not checked); default: the "
                         f"checkpoint's calibrated thresholds, if any")
-    s.add_argument("--speculative", type=POSITIVE_INT, metavar="E",
-                   help=f"{where}self-speculative decoding: draft with the first E layers' exit, verify with all")
+    s.add_argument("--speculative", type=_speculative_arg, metavar="E|auto",
+                   help=f"{where}self-speculative decoding: draft with the first E layers' exit, verify with all; "
+                        f"'auto': the depth, draft length and confidence `condformer dial --speculation` found "
+                        f"fastest for the run")
     s.add_argument("--draft-tokens", type=POSITIVE_INT, default=4,
                    help="tokens drafted per verification (--speculative)")
+    s.add_argument("--draft-confidence", type=float, metavar="C",
+                   help="adaptive drafting (--speculative): a round's draft stops after a token the draft exit "
+                        "gives a top probability below C (the output is unchanged; at most --draft-tokens)")
 
 
 def _add_model_args(s: argparse.ArgumentParser) -> None:

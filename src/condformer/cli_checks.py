@@ -255,6 +255,8 @@ def check_generate_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--greedy takes no --temperature/--top-k/--top-p; drop one or the other")
     if args.speculative is not None and args.exit_threshold is not None:
         raise ConfigError("--speculative verifies every token with the full model; it takes no --exit-threshold")
+    if getattr(args, "draft_confidence", None) is not None and args.speculative is None:
+        raise ConfigError("--draft-confidence stops a self-speculative draft early; add --speculative E")
 
 
 def check_train_inputs(model_cfg: Any, train_cfg: Any, sample: str | None, sample_tokens: int, out: str) -> None:

@@ -91,3 +91,37 @@ def test_tolerance_errors_are_one_line(dialled: tuple[Path, dict], env: dict) ->
     assert "no setting met tolerance 0.0001" in one_error(cf("eval", str(run), "--tolerance", "0.0001", env=env))
     assert "--delta must be in (0, 1)" in one_error(cf("dial", str(run), "--tolerance", "0.1", "--delta", "2",
                                                        env=env))
+
+
+@pytest.fixture(scope="module")
+def exit_run(tmp_path_factory: pytest.TempPathFactory, env: dict, code_corpus: Path) -> Path:
+    from condformer.cli import main
+
+    root = tmp_path_factory.mktemp("dial_exit")
+    cfg = root / "exit.json"
+    cfg.write_text(json.dumps({"model": {"d_model": 32, "n_layers": 3, "n_heads": 2, "max_seq_len": 64, "exits": {}},
+                               "train": {"tensorboard": False}}))
+    out = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONDFORMER_CACHE", env["CONDFORMER_CACHE"])
+        assert main(["train", "--config", str(cfg), "--data", str(code_corpus), "--max-steps", "20", "--seq-len", "32",
+                     "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_speculation_is_tuned_by_speed_and_used_by_generate_auto(exit_run: Path, env: dict) -> None:
+    assert "--speculation first" in one_error(cf("generate", str(exit_run), "--prompt", "x", "--speculative", "auto",
+                                                 env=env))
+    got = last_json(cf("dial", str(exit_run), "--speculation", "--prompts", "2", "--new-tokens", "6", "--repeats",
+                       "1", "--batches", "1", "--json", env=env))
+    best = got["speculation"]["best"]
+    assert best["draft_layers"] in (1, 2) and len(got["speculation"]["candidates"]) == 2 * 3 * 5
+    assert json.loads((exit_run / "dial.json").read_text())["speculation"]["best"] == best
+    plain = last_json(cf("generate", str(exit_run), "--prompt", "def f(", "--max-new-tokens", "12", "--greedy",
+                         "--json", env=env))
+    auto = last_json(cf("generate", str(exit_run), "--prompt", "def f(", "--max-new-tokens", "12", "--greedy",
+                        "--speculative", "auto", "--json", env=env))
+    assert auto["text"] == plain["text"] and auto["drafted"] > 0
+    assert "add --speculative E" in one_error(cf("generate", str(exit_run), "--prompt", "x", "--draft-confidence",
+                                                 "0.5", env=env))
+    assert "--tolerance EPS" in one_error(cf("dial", str(exit_run), env=env))

@@ -46,6 +46,7 @@ class BenchConfig:
     exit_threshold: float | list[float] | None = None
     speculative: int | None = None
     draft_tokens: int = 4
+    draft_confidence: float | None = None  # adaptive drafting (speculative): stop a draft below this confidence
     # train and forward modes: run both models through torch.compile (the warm-up pays the compilation)
     compile: bool = False
     # model A's inference settings (the model's settings surface, e.g. {"moe_top_k": 1, "mod_threshold": 0.5}),
@@ -72,6 +73,8 @@ class BenchConfig:
             raise ConfigError("--exit-threshold and --speculative time generation; use --mode generate")
         if self.exit_threshold is not None and self.speculative is not None:
             raise ConfigError("--speculative verifies every token at full depth; it takes no --exit-threshold")
+        if self.draft_confidence is not None and self.speculative is None:
+            raise ConfigError("--draft-confidence stops a self-speculative draft early; add --speculative E")
         if self.inference and self.mode == "train":
             raise ConfigError("inference settings (--moe-top-k, --mod-threshold) change evaluation and decoding, "
                               "not training; use --mode forward or generate")

@@ -168,6 +168,7 @@ def _build(key: str, label: str, mcfg: ModelConfig, cfg: BenchConfig, device: to
         def step(stats: dict | None = None) -> None:
             with _autocast(dtype, device):
                 generate(model, prompts, sampling, pad_id=0, speculative=speculative, draft_tokens=cfg.draft_tokens,
+                         draft_confidence=None if speculative is None else cfg.draft_confidence,
                          stats=stats)
 
     def sync() -> None:  # the op's device, not merely the current one

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from condformer.cache import KVCache
+from condformer.errors import CondformerError
 from condformer.generation.sampling import SamplingConfig, check_request, left_pad, sample_next
 from condformer.generation.speculative import generate_speculative
 
@@ -28,19 +29,23 @@ def generate(
     speculative: int | None = None,
     draft_tokens: int = 4,
     stats: dict | None = None,
+    draft_confidence: float | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``cfg.max_new_tokens`` tokens; return only the new tokens.
 
     ``on_tokens`` receives each step's sampled tokens (B,) as they are produced, for streaming.
     A model with early exits and thresholds (or a halting module) stops each token at its exit
     (:class:`~condformer.generation.exit_decoder.ExitDecoder`). ``speculative=E``: self-speculative decoding,
-    drafting ``draft_tokens`` tokens at a time with the first E layers (:mod:`condformer.generation.speculative`).
+    drafting ``draft_tokens`` tokens at a time with the first E layers (:mod:`condformer.generation.speculative`),
+    or fewer when ``draft_confidence`` is given (a round's draft stops below that exit confidence).
     ``stats``, when given, receives the run's exit depths or acceptance counts.
     """
+    if draft_confidence is not None and speculative is None:
+        raise CondformerError("draft_confidence stops a self-speculative draft early; pass speculative=E with it")
     if speculative is not None:
-
         return generate_speculative(model, prompts, cfg, speculative, draft_tokens, pad_id=pad_id,
-                                    generator=generator, on_tokens=on_tokens, stats=stats)
+                                    generator=generator, on_tokens=on_tokens, stats=stats,
+                                    draft_confidence=draft_confidence)
     check_request(model, prompts, cfg)
     device = next(model.parameters()).device
     tokens, positions, valid = left_pad(prompts, pad_id, device)

@@ -17,6 +17,13 @@ keeps its own number of accepted drafts. Rejected drafts' keys and values are dr
 off (``KVCache.truncate_after``) for one sequence; for a batch, whose rows accept different numbers, marked
 invalid per row (``KVCache.invalidate_after``), so attention ignores them and the cache keeps one length.
 A row that is done (its tokens or eos) rides along without keeping anything until the last row finishes.
+
+Adaptive drafting (``draft_confidence=c``): a round stops drafting after a draft whose exit confidence (its top
+softmax probability) is below c, on every unfinished row, instead of always drafting ``draft_tokens``: a draft the
+shallow exit is unsure of is likely rejected, and so are all after it (CALM's confidence measure, Schuster et al.
+2022, used as a stopping rule for the draft as in adaptive-length drafting, e.g. Zhang et al. 2024 "Draft &
+Verify"). The verification is unchanged, so the output is still exactly the full model's (greedy) or distributed
+as its samples; only the work per round changes. It costs one host read of the confidences per draft.
 """
 
 from __future__ import annotations
@@ -68,13 +75,20 @@ def check_draft_depth(model: nn.Module, draft_layers: int) -> int:
 def generate_speculative(model: nn.Module, prompts: Sequence[Sequence[int]], cfg, draft_layers: int,  # noqa: ANN001
                          draft_tokens: int = 4, *, pad_id: int = 0, generator: torch.Generator | None = None,
                          on_tokens: Callable[[torch.Tensor], None] | None = None,
-                         stats: dict | None = None) -> list[list[int]]:
-    """Continue each prompt with self-speculative decoding; see the module docstring."""
+                         stats: dict | None = None, draft_confidence: float | None = None) -> list[list[int]]:
+    """Continue each prompt with self-speculative decoding; see the module docstring.
+
+    ``draft_confidence``: stop a round's draft early below this exit confidence (None: always ``draft_tokens``)."""
 
     k_draft = check_draft_depth(model, draft_layers)  # the speculative flag's own error first
     check_request(model, prompts, cfg)
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise CondformerError(f"draft_tokens must be an integer >= 1, got {draft_tokens}")
+    if draft_confidence is not None and (isinstance(draft_confidence, bool)
+                                         or not isinstance(draft_confidence, (int, float))
+                                         or not 0 <= draft_confidence <= 1):
+        raise CondformerError(f"draft_confidence must be a probability in [0, 1] (the draft exit's top softmax "
+                              f"probability), got {draft_confidence!r}")
     if on_tokens is not None and len(prompts) > 1:
         raise CondformerError("streaming (on_tokens) with speculative decoding takes one prompt at a time")
     was_training = model.training
@@ -83,7 +97,7 @@ def generate_speculative(model: nn.Module, prompts: Sequence[Sequence[int]], cfg
     counts = {"drafted": 0, "accepted": 0, "rounds": 0, "passes": 0}
     try:
         out = _decode_batch(model, [list(p) for p in prompts], cfg, draft_layers, k_draft, draft_tokens, pad_id,
-                            generator, on_tokens, counts)
+                            generator, on_tokens, counts, draft_confidence)
     finally:
         model.train(was_training)
     if stats is not None:
@@ -121,7 +135,8 @@ def _accept(full_BJV: torch.Tensor, drafts_BK: torch.Tensor, q_BKV: torch.Tensor
 
 def _decode_batch(model: nn.Module, prompts: list[list[int]], cfg, E: int, k_draft: int,  # noqa: ANN001
                   draft_tokens: int, pad_id: int, generator: torch.Generator | None,
-                  on_tokens: Callable[[torch.Tensor], None] | None, counts: dict) -> list[list[int]]:
+                  on_tokens: Callable[[torch.Tensor], None] | None, counts: dict,
+                  draft_confidence: float | None = None) -> list[list[int]]:
     exits, N = model.exits, model.cfg.n_layers
     device = next(model.parameters()).device
     tokens, positions, valid = left_pad(prompts, pad_id, device)
@@ -170,12 +185,19 @@ def _decode_batch(model: nn.Module, prompts: list[list[int]], cfg, E: int, k_dra
         K = min(draft_tokens, max(cfg.max_new_tokens - len(new[b]) for b in active) - 1)
         states, drafts, qs = [], [], []
         cur = tok_B
+        unfinished = torch.tensor([not d for d in done], device=device)
         for j in range(K):
             h = lower(cur, pos_B + j)
             states.append(h)
-            cur, q = _pick(heads.logits(k_draft, stream.readout(h))[:, -1], cfg, generator)
+            draft_logits = heads.logits(k_draft, stream.readout(h))[:, -1]
+            cur, q = _pick(draft_logits, cfg, generator)
             drafts.append(cur)
             qs.append(q)
+            if draft_confidence is not None and j + 1 < K:  # adaptive: stop where no unfinished row is sure
+                confident = draft_logits.float().softmax(dim=-1).amax(dim=-1) >= draft_confidence
+                if not bool((confident & unfinished).any()):
+                    break
+        K = len(drafts)
         states.append(lower(cur, pos_B + K))
         steps = torch.arange(K + 1, device=device)
         drafts_BK = torch.stack(drafts, dim=1) if drafts else tok_B.new_zeros(B, 0)

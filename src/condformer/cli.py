@@ -447,10 +447,15 @@ def cmd_dial(args: argparse.Namespace) -> None:
     if not 0 < args.delta < 1:
         raise ConfigError(f"--delta must be in (0, 1) (0.1 = the guarantee holds with probability 90%), "
                           f"got {args.delta}")
+    # what the model cannot do is one line before any data is prepared
+    if args.tolerance:
+        from condformer.dial.search import knob_grid
+
+        knob_grid(model, None if args.knobs is None else [k.strip() for k in args.knobs.split(",") if k.strip()])
     if args.speculation:
         from condformer.dial.speculation import draft_depths
 
-        draft_depths(model)  # a model without exits: one line before any data is prepared
+        draft_depths(model)
     data = prepare_data(args.data or cfg.data, tok or cfg.tokenizer, cfg.val_fraction)
     batches = validation_batches(data, ck.model_cfg, cfg, args.batches, str(next(model.parameters()).device))
     run_dir = _run_dir(ck.path)

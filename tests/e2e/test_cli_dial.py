@@ -34,23 +34,27 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {**os.environ, "CONDFORMER_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "2"}
 
 
-@pytest.fixture(scope="module")
-def dialled(tmp_path_factory: pytest.TempPathFactory, env: dict, code_corpus: Path) -> tuple[Path, dict]:
-    """A run with a MoD layer and a top-2 MoE layer, trained 40 steps, then dialled at two tolerances."""
+def _train(root: Path, model: dict, env: dict, corpus: Path, steps: int, batch_size: int) -> Path:
+    """A run of ``model`` trained through ``main()`` in this process (the command a user runs, minus a torch import)."""
     from condformer.cli import main
 
-    root = tmp_path_factory.mktemp("dial")
-    cfg = root / "mm.json"
-    cfg.write_text(json.dumps({
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
-                  "layers": [{"router": "mod", "options": {"capacity": 0.5}},
-                             {"ffn": "moe", "options": {"experts": 4, "top_k": 2}}]},
-        "train": {"tensorboard": False}}))
+    cfg = root / "model.json"
+    cfg.write_text(json.dumps({"model": model, "train": {"tensorboard": False}}))
     out = root / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CONDFORMER_CACHE", env["CONDFORMER_CACHE"])
-        assert main(["train", "--config", str(cfg), "--data", str(code_corpus), "--max-steps", "40", "--seq-len", "32",
-                     "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+        assert main(["train", "--config", str(cfg), "--data", str(corpus), "--max-steps", str(steps), "--seq-len",
+                     "32", "--batch-size", str(batch_size), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dialled(tmp_path_factory: pytest.TempPathFactory, env: dict, code_corpus: Path) -> tuple[Path, dict]:
+    """A run with a MoD layer and a top-2 MoE layer, trained 40 steps, then dialled at two tolerances."""
+    model = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
+             "layers": [{"router": "mod", "options": {"capacity": 0.5}},
+                        {"ffn": "moe", "options": {"experts": 4, "top_k": 2}}]}
+    out = _train(tmp_path_factory.mktemp("dial"), model, env, code_corpus, steps=40, batch_size=8)
     result = last_json(cf("dial", str(out), "--tolerance", "0.0001", "0.9", "--batches", "10", "--json", env=env))
     return out, result
 
@@ -95,18 +99,8 @@ def test_tolerance_errors_are_one_line(dialled: tuple[Path, dict], env: dict) ->
 
 @pytest.fixture(scope="module")
 def exit_run(tmp_path_factory: pytest.TempPathFactory, env: dict, code_corpus: Path) -> Path:
-    from condformer.cli import main
-
-    root = tmp_path_factory.mktemp("dial_exit")
-    cfg = root / "exit.json"
-    cfg.write_text(json.dumps({"model": {"d_model": 32, "n_layers": 3, "n_heads": 2, "max_seq_len": 64, "exits": {}},
-                               "train": {"tensorboard": False}}))
-    out = root / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONDFORMER_CACHE", env["CONDFORMER_CACHE"])
-        assert main(["train", "--config", str(cfg), "--data", str(code_corpus), "--max-steps", "20", "--seq-len", "32",
-                     "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
-    return out
+    model = {"d_model": 32, "n_layers": 3, "n_heads": 2, "max_seq_len": 64, "exits": {}}
+    return _train(tmp_path_factory.mktemp("dial_exit"), model, env, code_corpus, steps=20, batch_size=4)
 
 
 def test_speculation_is_tuned_by_speed_and_used_by_generate_auto(exit_run: Path, env: dict) -> None:

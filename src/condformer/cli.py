@@ -992,5 +992,21 @@ def _fail(message: str, rank_specific: bool = False) -> int:
     return 2
 
 
+def entry() -> None:
+    """The ``condformer`` command: :func:`main`, then the exit.
+
+    A process torchrun started with several ranks leaves without interpreter finalisation once its work is done (the
+    trainer has written, synchronised and destroyed its process groups): twice in this project's CI a gloo rank
+    aborted at that point ("terminate called without an active exception", the gloo-threads-at-finalisation race of
+    pytorch/pytorch#179291), turning a finished run into a failed torchrun. Output streams are flushed first.
+    """
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
